@@ -1,0 +1,9 @@
+"""Offline RL and inverse RL trainers for Hugging Face TRL."""
+
+__version__ = "0.1.0.dev0"
+
+from .iqlearn import IQLearnConfig, IQLearnTrainer
+from .losses import iqlearn_loss
+
+
+__all__ = ["IQLearnConfig", "IQLearnTrainer", "iqlearn_loss"]

@@ -1,0 +1,244 @@
+import contextlib
+import copy
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
+from trl import SFTTrainer
+
+from ..data import check_sft_dataset
+from ..losses import iqlearn_loss
+from ..ops.soft_q_head import add_soft_q_head
+from .config import IQLearnConfig
+
+
+class IQLearnTrainer(SFTTrainer):
+    """
+    Trainer for offline inverse soft-Q learning (IQLearn) on demonstrations, a drop-in for [`~trl.SFTTrainer`].
+
+    The policy's logits are read as soft Q-values, and the per-token negative log-likelihood of SFT gains a
+    temporal-difference term on the implicit reward `Q(s_t, a_t) - gamma * V(s_{t+1})` (Wulfmeier et al. 2024, Eq. 14).
+    With `td_coef=0` the loss is exactly SFT's. The constructor, dataset formats (`text`, `messages`,
+    prompt-completion, standard and conversational), `completion_only_loss`, `assistant_only_loss`, PEFT and
+    `max_length` are SFT's; what IQLearn cannot honour (packing, padding-free batches, other loss types, a custom
+    `compute_loss_func`) is refused at construction.
+
+    Like `SFTTrainer`, the training forward never builds the `(batch, seq_len, vocab)` logits: the Q-value of the
+    taken token and the logsumexp are computed tile by tile from the final hidden states.
+
+    After or without training, [`~IQLearnTrainer.compute_implicit_rewards`] scores (prompt, completion) rows with the
+    reward the model implies.
+
+    Args:
+        model: Model to train, as a path or hub id, a [`~transformers.PreTrainedModel`] or a PEFT model.
+        args ([`IQLearnConfig`], *optional*): Configuration; a plain `TrainingArguments` or `SFTConfig` is converted.
+        Everything else: as in [`~trl.SFTTrainer`], except `compute_loss_func`, which IQLearn does not accept.
+    """
+
+    _tag_names = ["trl", "trl-offline", "iqlearn"]
+    _name = "IQLearn"
+    _paper = {
+        "title": "Imitating Language via Scalable Inverse Reinforcement Learning",
+        "id": "2409.01369",
+        "citation": """\
+@inproceedings{wulfmeier2024imitating,
+    title        = {{Imitating Language via Scalable Inverse Reinforcement Learning}},
+    author       = {Markus Wulfmeier and Michael Bloesch and Nino Vieillard and Arun Ahuja and J{\\"o}rg Bornschein and Sandy Huang and Artem Sokolov and Matt Barnes and Guillaume Desjardins and Alex Bewley and Sarah Maria Elisabeth Bechtle and Jost Tobias Springenberg and Nikola Momchev and Olivier Bachem and Matthieu Geist and Martin Riedmiller},
+    year         = 2024,
+    booktitle    = {Advances in Neural Information Processing Systems 38},
+    eprint       = {arXiv:2409.01369}
+}""",
+    }
+
+    def __init__(
+        self,
+        model,
+        args: IQLearnConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class=None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func: Callable[[dict], str] | None = None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = IQLearnConfig(f"{os.path.basename(model_name.rstrip('/')) or 'model'}-IQLearn")
+        elif not isinstance(args, IQLearnConfig):
+            dict_args = args.to_dict()
+            dict_args["hub_token"] = args.hub_token  # to_dict hides it
+            args = IQLearnConfig(**dict_args)
+        if compute_loss_func is not None:
+            raise ValueError("IQLearnTrainer defines its own loss, so it does not accept a `compute_loss_func`.")
+        skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+        if train_dataset is not None and formatting_func is None and not skip_prepare:
+            eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+            for name, dataset in {"train": train_dataset, **eval_datasets}.items():
+                if dataset is not None:
+                    check_sft_dataset(dataset, args.dataset_text_field, name)
+
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        if self._is_vlm or self._is_vision_dataset:
+            raise ValueError(
+                "IQLearnTrainer supports text-only causal language models; vision inputs are not supported."
+            )
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "IQLearnTrainer does not add the Mixture-of-Experts load-balancing loss. Set `router_aux_loss_coef=0.0` "
+                "to train this model without it."
+            )
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
+            raise ValueError(
+                "IQLearnTrainer does not support context or sequence parallelism: the temporal-difference term "
+                "bootstraps from the next token, which may live on another rank."
+            )
+
+        base_model = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_soft_q_head(base_model, chunk_size=args.logits_chunk_size)
+        self._scoring_implicit_rewards = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = {**inputs, "use_cache": False}
+        outputs = model(**inputs, soft_q_head=True)
+        per_token_loss, metrics = iqlearn_loss(
+            outputs.target_logits,
+            outputs.logsumexp,
+            outputs.completion_mask,
+            td_coef=self.args.td_coef,
+            gamma=self.args.gamma,
+        )  # (B, T)
+        # Reduced like SFTTrainer: a sum over the completion tokens divided by their number across the whole
+        # (accumulated, all-rank) batch when `num_items_in_batch` is given
+        num_tokens = outputs.completion_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+        self._log_step_metrics(mode, inputs, outputs, metrics)
+        if return_outputs:
+            # `compute_metrics` wants the logits, which the soft-Q head never builds: recompute them, as SFT does
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_step_metrics(self, mode: str, inputs: dict, outputs, metrics: dict[str, torch.Tensor]) -> None:
+        mask = outputs.completion_mask  # (B, T)
+        has_actions = mask.any(dim=-1)  # (B,)
+        sums = torch.stack(
+            [
+                mask.sum(),
+                metrics["nll"].sum(),
+                metrics["td_loss"].sum(),
+                outputs.entropy.detach().sum(),
+                outputs.is_top1.sum(),
+                metrics["implicit_reward"].sum(),  # summed per sequence, then over sequences
+                has_actions.sum(),
+                inputs["attention_mask"].sum() if "attention_mask" in inputs else mask.new_tensor(0),
+            ]
+        ).float()
+        # One gather per step for every metric
+        totals = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
+        n_tokens, nll, td, entropy, correct, reward, n_seqs, attended = totals
+        per_token = 1 / n_tokens if n_tokens else 0.0
+        self._metrics[mode]["nll"].append(nll * per_token)
+        self._metrics[mode]["td_loss"].append(td * per_token)
+        self._metrics[mode]["entropy"].append(entropy * per_token)
+        self._metrics[mode]["mean_token_accuracy"].append(correct * per_token)
+        self._metrics[mode]["implicit_reward"].append(reward / n_seqs if n_seqs else 0.0)
+        if mode == "train":
+            self._total_train_tokens += int(attended)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def compute_implicit_rewards(self, dataset: Dataset) -> list[float]:
+        """Score rows with the IRL-extracted reward of the current model.
+
+        For each row, the reward is the sum over its completion tokens of the implicit reward
+        `Q(s_t, a_t) - gamma * V(s_{t+1})` (Wulfmeier et al. 2024, reward analysis): the per-sequence reward the
+        trained model implies. The dataset is prepared exactly like the training data (same formats, chat template,
+        `completion_only_loss`, `assistant_only_loss`, `max_length`), scored with `per_device_eval_batch_size` and
+        the trainer's distributed setup, and the rewards come back in the dataset's row order.
+
+        Args:
+            dataset (`datasets.Dataset`): Rows in any format the trainer trains on, e.g. `prompt` + `completion`.
+
+        Returns:
+            `list[float]`: One reward per row.
+        """
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"`dataset` must be a `datasets.Dataset`, got {type(dataset).__name__}.")
+        check_sft_dataset(dataset, self.args.dataset_text_field, "scored")
+        args = copy.copy(self.args)
+        args.shuffle_dataset = False  # rewards are returned in row order
+        prepared = self._prepare_dataset(dataset, self.processing_class, args, False, self._formatting_func, "scored")
+        if len(prepared) != len(dataset):
+            raise ValueError(
+                f"{len(dataset) - len(prepared)} row(s) have no completion token left within `max_length` "
+                f"({self.args.max_length}), so they have no implicit reward. Raise `max_length` or drop those rows."
+            )
+        with self._implicit_reward_mode():
+            rewards = self.predict(prepared).predictions  # (num_rows, 1)
+        return [float(r) for r in rewards.reshape(-1)]
+
+    @contextlib.contextmanager
+    def _implicit_reward_mode(self):
+        self._scoring_implicit_rewards = True
+        try:
+            yield
+        finally:
+            self._scoring_implicit_rewards = False
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not self._scoring_implicit_rewards:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, use_cache=False, soft_q_head=True)
+            _, metrics = iqlearn_loss(
+                outputs.target_logits,
+                outputs.logsumexp,
+                outputs.completion_mask,
+                td_coef=self.args.td_coef,
+                gamma=self.args.gamma,
+            )
+        # Returned as the "logits" so that `predict` gathers them across ranks in row order
+        return None, metrics["implicit_reward"].sum(-1, keepdim=True), None  # (B, 1)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        # A model saved by the user carries its model card, as a checkpoint does
+        if not _internal_call and self.is_world_process_zero():
+            self.create_model_card(model_name=os.path.basename(os.path.normpath(self.args.output_dir)))
+            target = output_dir or self.args.output_dir
+            card = os.path.join(self.args.output_dir, "README.md")
+            if os.path.abspath(target) != os.path.abspath(self.args.output_dir) and os.path.isfile(card):
+                shutil.copyfile(card, os.path.join(target, "README.md"))

@@ -1,0 +1,262 @@
+"""Tiny models, a tokenizer and synthetic datasets that need no hub: the quickstart, the tests and the benchmarks
+run on these.
+
+`build_tiny_model` writes a model and its tokenizer to a folder and returns the path, which a user would pass where
+they pass a hub id, so the loading code exercised is the real `from_pretrained` path.
+
+The data is a toy task with a known expert: the prompt is a short string of letters and the expert's completion is
+the same letters sorted. `sort_reward` scores any completion against that expert, so later trainers and benchmarks
+have a programmatic reward.
+"""
+
+import random
+import string
+import tempfile
+
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"  # end of an assistant turn, and so the eos token
+SPECIAL_TOKENS = [PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, IM_START, IM_END]
+CHARACTERS = string.printable  # letters, digits, punctuation and whitespace
+
+# ChatML. The `{% generation %}` markers let TRL build assistant masks (`assistant_only_loss=True`); the end-of-turn
+# token sits inside them so the model learns to stop.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built with `tokenizers`: one token per printable character plus ChatML tokens."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=IM_END,
+        additional_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def build_tiny_model(
+    output_dir: str | None = None,
+    *,
+    architecture: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> str:
+    """Build a randomly initialised causal LM with the kit's tokenizer, save both, and return the folder path.
+
+    Args:
+        output_dir: Where to save; a new temporary folder when `None`.
+        architecture: `"llama"` or `"gpt2"`. (Not Qwen2: its `AutoTokenizer` mapping corrupts a character tokenizer.)
+        hidden_size, num_layers, num_heads: Size of the transformer.
+        tie_word_embeddings: Whether the LM head shares the input embedding matrix.
+        seed: Seed of the random initialisation.
+    """
+    import torch
+
+    tokenizer = build_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    if architecture == "llama":
+        config = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=1024,
+            **common,
+        )
+    elif architecture == "gpt2":
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=1024, **common)
+    else:
+        raise ValueError(f"`architecture` must be 'llama' or 'gpt2', got {architecture!r}.")
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    output_dir = output_dir or tempfile.mkdtemp(prefix="trl_offline_tiny_")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+# The toy task: sort the letters of the prompt.
+
+SORT_ALPHABET = "abcdefgh"
+
+
+def sort_prompt(rng: random.Random, min_len: int = 3, max_len: int = 6) -> str:
+    return "".join(rng.choice(SORT_ALPHABET) for _ in range(rng.randint(min_len, max_len)))
+
+
+def sort_reward(prompt: str, completion: str) -> float:
+    """Fraction of positions where `completion` agrees with the sorted letters of `prompt` (length mismatches count
+    as errors). 1.0 for the expert's answer."""
+    target = "".join(sorted(prompt))
+    matches = sum(a == b for a, b in zip(completion, target))
+    return matches / max(len(target), len(completion))
+
+
+DATASET_FORMATS = (
+    "language_modeling",
+    "prompt_completion",
+    "conversational_language_modeling",
+    "conversational_prompt_completion",
+    "conversational_multi_turn",
+)
+
+
+def make_dataset(dataset_format: str, num_rows: int = 64, seed: int = 0) -> Dataset:
+    """A synthetic sorting dataset in one of TRL's formats.
+
+    - `"language_modeling"`: `text` (`"cab=abc"`).
+    - `"prompt_completion"`: `prompt` (`"cab="`) and `completion` (`"abc"`).
+    - `"conversational_language_modeling"`: `messages`, one user and one assistant turn.
+    - `"conversational_prompt_completion"`: `prompt` and `completion` as lists of messages.
+    - `"conversational_multi_turn"`: `messages` with two user/assistant exchanges, for `assistant_only_loss`.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        prompt = sort_prompt(rng)
+        answer = "".join(sorted(prompt))
+        if dataset_format == "language_modeling":
+            rows.append({"text": f"{prompt}={answer}"})
+        elif dataset_format == "prompt_completion":
+            rows.append({"prompt": f"{prompt}=", "completion": answer})
+        elif dataset_format == "conversational_language_modeling":
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        elif dataset_format == "conversational_prompt_completion":
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                }
+            )
+        elif dataset_format == "conversational_multi_turn":
+            second = sort_prompt(rng)
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": answer},
+                        {"role": "user", "content": second},
+                        {"role": "assistant", "content": "".join(sorted(second))},
+                    ]
+                }
+            )
+        else:
+            raise ValueError(f"Unknown dataset format {dataset_format!r}; expected one of {DATASET_FORMATS}.")
+    return Dataset.from_list(rows)
+
+
+# Names that recipes accept in place of a hub id, so the tiny configs run on a machine with no hub access.
+
+KIT_PREFIX = "offline_kit:"
+
+
+def is_kit_name(name: str | None) -> bool:
+    return bool(name) and name.startswith(KIT_PREFIX)
+
+
+def resolve_kit_model(name: str, root: str) -> str:
+    """`offline_kit:llama` or `offline_kit:gpt2` -> the path of that tiny model, built under `root` if missing."""
+    import os
+
+    architecture = name.removeprefix(KIT_PREFIX)
+    path = os.path.join(root, f"offline-kit-{architecture}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        build_tiny_model(path, architecture=architecture)
+    return path
+
+
+def load_kit_dataset(name: str, num_train_rows: int = 512, num_test_rows: int = 64):
+    """`offline_kit:<format>` -> a `DatasetDict` with `train` and `test` splits of the sorting task."""
+    from datasets import DatasetDict
+
+    dataset_format = name.removeprefix(KIT_PREFIX)
+    return DatasetDict(
+        train=make_dataset(dataset_format, num_train_rows, seed=0),
+        test=make_dataset(dataset_format, num_test_rows, seed=1),
+    )
+
+
+# Evaluation on the sorting task: greedy answers to held-out prompts, scored by `sort_reward`.
+
+
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = 12, batch_size: int = 64) -> list[str]:
+    """Greedy completions for `prompts` (strings, or lists of messages rendered with the chat template)."""
+    import torch
+
+    texts = [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    completions = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            completions += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return [c.strip() for c in completions]
+
+
+def prompt_letters(prompt) -> str:
+    """The letters to sort, from a prompt in any of the kit's formats."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return text.removesuffix("=")
+
+
+def mean_sort_reward(model, tokenizer, prompts: list) -> float:
+    completions = greedy_completions(model, tokenizer, prompts)
+    return sum(sort_reward(prompt_letters(p), c) for p, c in zip(prompts, completions)) / len(prompts)
