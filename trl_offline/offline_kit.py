@@ -48,9 +48,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer built with `tokenizers`: one token per printable character plus ChatML tokens."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built with `tokenizers`: one token per printable character plus ChatML tokens.
+
+    `vocab_size` pads the vocabulary with unused tokens, for benchmarks whose cost depends on the vocabulary size.
+    """
+    tokens = SPECIAL_TOKENS + list(CHARACTERS)
+    if vocab_size is not None:
+        if vocab_size < len(tokens):
+            raise ValueError(f"`vocab_size` must be at least {len(tokens)}, got {vocab_size}.")
+        tokens += [f"<unused_{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -74,6 +82,7 @@ def build_tiny_model(
     num_layers: int = 2,
     num_heads: int = 4,
     tie_word_embeddings: bool = False,
+    vocab_size: int | None = None,
     seed: int = 0,
 ) -> str:
     """Build a randomly initialised causal LM with the kit's tokenizer, save both, and return the folder path.
@@ -83,11 +92,12 @@ def build_tiny_model(
         architecture: `"llama"` or `"gpt2"`. (Not Qwen2: its `AutoTokenizer` mapping corrupts a character tokenizer.)
         hidden_size, num_layers, num_heads: Size of the transformer.
         tie_word_embeddings: Whether the LM head shares the input embedding matrix.
+        vocab_size: Pad the tokenizer's vocabulary to this size (default: the characters and special tokens only).
         seed: Seed of the random initialisation.
     """
     import torch
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size)
     common = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

@@ -221,3 +221,39 @@ def test_bad_datasets_are_refused_before_training(tmp_path, tiny_model_path, row
 
     with pytest.raises(error, match=message):
         IQLearnTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=Dataset.from_list(rows))
+
+
+def test_gradient_accumulation_gives_the_update_of_the_larger_batch(tmp_path, tiny_model_path):
+    # The loss is a token mean over the whole accumulated batch (`num_items_in_batch`), like SFT's. Plain SGD keeps
+    # the update proportional to the gradient, so a wrong scale would show (Adam's first step would hide it).
+    dataset = make_dataset("prompt_completion", 8)
+    common = dict(max_steps=1, optim="sgd", learning_rate=1.0, td_coef=0.5, gamma=0.9)
+    one_batch = IQLearnTrainer(
+        tiny_model_path, args=_config(tmp_path / "a", per_device_train_batch_size=4, **common), train_dataset=dataset
+    )
+    accumulated = IQLearnTrainer(
+        tiny_model_path,
+        args=_config(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common),
+        train_dataset=dataset,
+    )
+    start = {n: p.detach().clone() for n, p in one_batch.model.named_parameters()}
+    one_batch.train()
+    accumulated.train()
+    moved = 0
+    for (name, p), q in zip(one_batch.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        moved += not torch.equal(p, start[name])
+    assert moved > 0
+
+
+def test_evaluation_logs_the_same_metrics(tmp_path, tiny_model_path):
+    trainer = IQLearnTrainer(
+        tiny_model_path,
+        args=_config(tmp_path),
+        train_dataset=make_dataset("prompt_completion", 8),
+        eval_dataset=make_dataset("prompt_completion", 6, seed=1),
+    )
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_nll", "eval_td_loss", "eval_implicit_reward", "eval_mean_token_accuracy"):
+        assert key in metrics, key
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_td_loss"], rel=1e-4)

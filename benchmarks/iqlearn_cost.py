@@ -1,0 +1,420 @@
+"""Per-step wall time and peak memory of `IQLearnTrainer` vs TRL's `SFTTrainer`, on the same batches.
+
+The model is a randomly initialised Llama from the offline kit whose LM head dominates (defaults: 4 layers, hidden
+256, vocabulary 32000, sequence 512). The data are fixed-length pre-tokenized rows of random token ids: a prompt of
+`--prompt-len` tokens and a completion of the rest, given to both trainers as `input_ids` + `completion_mask` with
+`completion_only_loss=True`, so `SFTTrainer._prepare_dataset` turns them into `labels` (-100 on the prompt) for both.
+Both trainers get identical configs (same optimizer, learning rate, batch size, seed; no shuffling, a sequential
+sampler); the script takes the collated batches from each trainer's own dataloader, checks that they are identical,
+and feeds batch `i` to both at step `i`.
+
+What one "step" is: exactly what `Trainer`'s training loop does per optimizer step with no gradient accumulation,
+minus callbacks and logging: `trainer.get_batch_samples` (counts `num_items_in_batch`), `trainer.training_step`
+(input preparation, `compute_loss` = the model forward with the trainer's head (TRL's fused LM head for SFT, the
+soft-Q head for IQLearn), the loss, the per-step metric reductions, then the backward), gradient clipping to
+`max_grad_norm`, `optimizer.step()`, `lr_scheduler.step()` and `model.zero_grad()`. The optimizer and scheduler come
+from `trainer.create_optimizer_and_scheduler` and are wrapped by `trainer.accelerator.prepare`, as in `train()`.
+
+Step time: both trainers live in one process and take turns, one step each, alternating which goes first, so machine
+noise hits both equally. The first `--warmup` steps are dropped; the table gives the median and interquartile range
+(IQR) of the rest, and the ratio of the medians.
+
+Peak memory (the "peak increase"): what one step needs on top of the state that persists between steps (the model,
+the AdamW state, the batch). Counting the AdamW state, created by the first step, would add the same amount to both
+trainers and flatter the ratio, so it is created first. On CUDA the number is `torch.cuda.max_memory_allocated()`
+minus `torch.cuda.memory_allocated()` just before the step, taken around the timed steps in the same process (the
+maximum over them). On CPU there is no allocator counter, so, as in `benchmarks/ops_memory.py`, each trainer runs in
+a fresh subprocess of this script (hidden `--measure-memory`): it builds the trainer, optimizer and batch, runs one
+step on a tiny slice of the batch (1 row, `--prompt-len + 16` tokens; it creates the AdamW state and loads kernels
+while setting a small RSS peak), then reports the increase of the peak resident set size (`ru_maxrss`) over the
+resident set size before `--memory-steps` full-size steps on the same batches as the timing run. The subprocesses run
+before the timing loop: Linux carries a parent's peak RSS into its child's `ru_maxrss` across `exec`, so a child
+started from the grown parent would see no new peak. A child that still sets none says so (`new_peak: false`). The
+ratio uses these increases, which is stricter than a ratio of whole-process totals (those would add the runtime, the
+model and the AdamW state to both sides).
+
+`--profile` adds one step of each trainer under `torch.profiler` after the timing and prints the costliest operators.
+
+    python benchmarks/iqlearn_cost.py            # defaults: the issue's configuration, writes results/iqlearn_cost.json
+    python benchmarks/iqlearn_cost.py --quick    # small sizes, well under a minute, a smoke run (writes no JSON)
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+
+MIB = 2**20
+TRAINERS = ("sft", "iqlearn")
+LABELS = {"sft": "SFTTrainer", "iqlearn": "IQLearnTrainer"}
+TARGETS = {"step_time": 1.10, "peak_memory": 1.05}  # IQLearn / SFT, at most
+
+
+def _peak_rss_bytes():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _current_rss_bytes():
+    """Resident set size now (Linux); elsewhere the peak so far, which can only make the increase smaller."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _peak_rss_bytes()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dataset(args):
+    """Fixed-length rows of random token ids: `prompt_len` prompt tokens, then `seq_len - prompt_len` completion."""
+    from datasets import Dataset
+
+    num_rows = args.batch_size * (args.warmup + args.steps)
+    gen = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(0, args.vocab, (num_rows, args.seq_len), generator=gen)  # (rows, seq_len)
+    completion_mask = torch.ones_like(input_ids)
+    completion_mask[:, : args.prompt_len] = 0
+    return Dataset.from_dict({"input_ids": input_ids.tolist(), "completion_mask": completion_mask.tolist()})
+
+
+def _trainer(name, args, model_path, dataset, output_dir):
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_offline import IQLearnConfig, IQLearnTrainer
+
+    common = dict(
+        output_dir=os.path.join(output_dir, name),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        max_length=None,  # every row is seq_len tokens: no truncation
+        completion_only_loss=True,
+        shuffle_dataset=False,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=args.seed,
+        # SFTConfig turns it on by default; `gradient_checkpointing` is its deprecated alias
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    if name == "sft":
+        config, cls = SFTConfig(**common), SFTTrainer
+    else:
+        config = IQLearnConfig(**common, td_coef=args.td_coef, logits_chunk_size=args.logits_chunk_size)
+        cls = IQLearnTrainer
+    trainer = cls(model=model_path, args=config, train_dataset=dataset)
+    trainer.create_optimizer_and_scheduler(num_training_steps=config.max_steps)
+    trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    return trainer
+
+
+def _batches(trainer):
+    return list(trainer.get_train_dataloader())
+
+
+def _same_batches(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
+    )
+
+
+def _train_step(trainer, batch):
+    """One optimizer step as `Trainer`'s loop runs it (see the module docstring); returns the loss."""
+    model = trainer.model_wrapped
+    batch_samples, num_items_in_batch = trainer.get_batch_samples(iter([dict(batch)]), 1, trainer.args.device)
+    loss = trainer.training_step(model, batch_samples[0], num_items_in_batch)
+    if trainer.args.max_grad_norm > 0:
+        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    model.zero_grad()
+    return loss.item()
+
+
+def _tiny_batch(batch, prompt_len):
+    """The first row, cut after a few completion tokens: a cheap step that creates the optimizer state."""
+    return {k: v[:1, : prompt_len + 16] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+
+
+def measure_memory(args):
+    """Runs in the child process (CPU): prints one JSON line with the peak RSS increase of full-size steps."""
+    dataset = _dataset(args)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = _trainer(args.measure_memory, args, args.model_path, dataset, output_dir)
+        batches = _batches(trainer)
+        device = trainer.args.device
+        _train_step(trainer, _tiny_batch(batches[0], args.prompt_len))  # AdamW state, kernels, thread pools
+        gc.collect()
+        peak_before, baseline = _peak_rss_bytes(), _current_rss_bytes()
+        for batch in batches[: args.memory_steps]:
+            _train_step(trainer, batch)
+        _sync(device)
+        peak = _peak_rss_bytes()
+    new_peak = peak > peak_before
+    if not new_peak:
+        print(f"warning: {args.measure_memory} set no new RSS peak; its number is an upper bound", file=sys.stderr)
+    record = {"peak_increase_bytes": peak - baseline, "baseline_bytes": baseline, "new_peak": new_peak}
+    print(json.dumps(record))
+
+
+def _memory_in_subprocess(name, args, model_path):
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in _FORWARDED]
+    flags = [f"--{flag.replace('_', '-')}" for flag in ("bf16", "activation_checkpointing") if getattr(args, flag)]
+    out = subprocess.run(
+        [sys.executable, __file__, f"--measure-memory={name}", f"--model-path={model_path}", *forwarded, *flags],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+_FORWARDED = (
+    "vocab",
+    "hidden",
+    "layers",
+    "heads",
+    "seq_len",
+    "prompt_len",
+    "batch_size",
+    "steps",
+    "warmup",
+    "td_coef",
+    "logits_chunk_size",
+    "memory_steps",
+    "device",
+    "seed",
+)
+
+
+def _profile(name, trainer, batch):
+    """One more step under `torch.profiler`: prints the operators that took the most time (after the timed steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        _train_step(trainer, batch)
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"\n{LABELS[name]}: one step under torch.profiler")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=48))
+
+
+def _summary(seconds):
+    q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else seconds * 3
+    return {"median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "seconds": seconds}
+
+
+def _machine(device):
+    import transformers
+    import trl
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+    }
+
+
+def run(args):
+    from trl_offline.offline_kit import build_tiny_model
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as root:
+        model_path = build_tiny_model(
+            os.path.join(root, "model"),
+            architecture="llama",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            vocab_size=args.vocab,
+            seed=args.seed,
+        )
+        if device.type != "cuda":
+            # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
+            memory = {name: _memory_in_subprocess(name, args, model_path) for name in TRAINERS}
+        dataset = _dataset(args)
+        trainers = {name: _trainer(name, args, model_path, dataset, root) for name in TRAINERS}
+        batches = {name: _batches(trainer) for name, trainer in trainers.items()}
+        if not _same_batches(batches["sft"], batches["iqlearn"]):
+            raise RuntimeError("The two trainers collated different batches.")
+        batches = batches["sft"]
+        if len(batches) != args.warmup + args.steps:
+            raise RuntimeError(f"Expected {args.warmup + args.steps} batches, got {len(batches)}.")
+
+        seconds = {name: [] for name in TRAINERS}
+        cuda_peak = {name: {"peak_increase_bytes": 0, "baseline_bytes": 0, "new_peak": True} for name in TRAINERS}
+        losses = {name: [] for name in TRAINERS}
+        for i, batch in enumerate(batches):
+            for name in TRAINERS if i % 2 == 0 else TRAINERS[::-1]:
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    baseline = torch.cuda.memory_allocated(device)
+                tic = time.perf_counter()
+                losses[name].append(_train_step(trainers[name], batch))
+                _sync(device)
+                toc = time.perf_counter()
+                if i >= args.warmup:
+                    seconds[name].append(toc - tic)
+                    increase = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
+                    if increase > cuda_peak[name]["peak_increase_bytes"]:
+                        cuda_peak[name].update(peak_increase_bytes=increase, baseline_bytes=baseline)
+            done = "warm-up" if i < args.warmup else ", ".join(f"{n} {s[-1]:.3f} s" for n, s in seconds.items())
+            print(f"step {i + 1}/{len(batches)}: {done}", flush=True)
+        # Same weights and batch at the first step, so IQLearn's NLL term is SFT's loss
+        first_nll = trainers["iqlearn"]._metrics["train"]["nll"][0]
+        if args.profile:
+            for name in TRAINERS:
+                _profile(name, trainers[name], batches[-1])
+        del trainers
+        gc.collect()
+
+        if device.type == "cuda":
+            memory = cuda_peak
+
+    timing = {name: _summary(s) for name, s in seconds.items()}
+    time_ratio = timing["iqlearn"]["median_s"] / timing["sft"]["median_s"]
+    mem_ratio = memory["iqlearn"]["peak_increase_bytes"] / max(memory["sft"]["peak_increase_bytes"], 1)
+    nll_matches = abs(first_nll - losses["sft"][0]) <= 1e-4 * max(1.0, abs(losses["sft"][0]))
+    if not nll_matches:
+        warnings.warn(f"First-step NLL differs: IQLearn {first_nll} vs SFT {losses['sft'][0]}", stacklevel=1)
+    for name in TRAINERS:
+        if not memory[name]["new_peak"]:
+            warnings.warn(f"{name}: no new RSS peak, so its memory number is an upper bound", stacklevel=1)
+
+    sizes = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len")}
+    sizes.update(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+    print(f"\n{sizes}")
+    print(f"{'trainer':<16}{'median s':>10}{'IQR s':>9}{'peak +MiB':>11}")
+    for name in TRAINERS:
+        t, m = timing[name], memory[name]["peak_increase_bytes"] / MIB
+        print(f"{LABELS[name]:<16}{t['median_s']:>10.3f}{t['iqr_s']:>9.3f}{m:>11.1f}")
+    met = {"step_time": time_ratio <= TARGETS["step_time"], "peak_memory": mem_ratio <= TARGETS["peak_memory"]}
+    for key, ratio in (("step_time", time_ratio), ("peak_memory", mem_ratio)):
+        verdict = "met" if met[key] else "MISSED"
+        print(f"IQLearn / SFT {key.replace('_', ' ')}: {ratio:.3f}x (target <= {TARGETS[key]:.2f}x: {verdict})")
+
+    record = {
+        "benchmark": "per-step wall time and peak memory: IQLearnTrainer vs SFTTrainer, same batches",
+        "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
+        "machine": _machine(args.device),
+        "sizes": sizes,
+        "config": {
+            "optimizer": "adamw_torch",
+            "learning_rate": 1e-4,
+            "max_grad_norm": 1.0,
+            "bf16": args.bf16,
+            "activation_checkpointing": args.activation_checkpointing,
+            "td_coef": args.td_coef,
+            "logits_chunk_size": args.logits_chunk_size,
+        },
+        "step": "get_batch_samples + training_step (forward, loss, metrics, backward) + clip_grad_norm + "
+        "optimizer.step + lr_scheduler.step + zero_grad",
+        "timing_method": "one process, trainers alternate one step each (alternating order), warm-up steps dropped",
+        "memory_method": (
+            "cuda max_memory_allocated - memory_allocated before the step, max over timed steps"
+            if device.type == "cuda"
+            else f"fresh subprocess per trainer; ru_maxrss increase over RSS after a tiny warm-up step "
+            f"(AdamW state exists), over {args.memory_steps} full-size step(s)"
+        ),
+        "results": {
+            name: {
+                "median_s": timing[name]["median_s"],
+                "iqr_s": timing[name]["iqr_s"],
+                "q1_s": timing[name]["q1_s"],
+                "q3_s": timing[name]["q3_s"],
+                "step_seconds": timing[name]["seconds"],
+                "peak_increase_mib": memory[name]["peak_increase_bytes"] / MIB,
+                "memory_baseline_mib": memory[name]["baseline_bytes"] / MIB,  # RSS on CPU, allocated on CUDA
+                "new_peak": memory[name]["new_peak"],
+                "first_step_loss": losses[name][0],
+            }
+            for name in TRAINERS
+        },
+        "iqlearn_first_step_nll": first_nll,
+        "first_step_nll_matches_sft_loss": nll_matches,
+        "ratios": {"step_time_median": time_ratio, "peak_memory_increase": mem_ratio},
+        "targets": {key: {"at_most": TARGETS[key], "met": met[key]} for key in TARGETS},
+        "wall_seconds": time.perf_counter() - start,
+    }
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    print(f"total {record['wall_seconds']:.0f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row; the rest is completion")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer before them")
+    parser.add_argument("--td-coef", type=float, default=0.1)
+    parser.add_argument("--logits-chunk-size", type=int, default=1024, help="IQLearnConfig.logits_chunk_size")
+    parser.add_argument("--memory-steps", type=int, default=2, help="full-size steps in each CPU memory subprocess")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision for both trainers")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="for both trainers (default off)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="after timing, print a profile of one step of each")
+    parser.add_argument("--quick", action="store_true", help="vocab 4000, hidden 64, 2 layers, seq 128, batch 4")
+    parser.add_argument(
+        "--output", help="JSON to write (default: results/iqlearn_cost.json; with --quick, none unless given)"
+    )
+    parser.add_argument("--measure-memory", choices=TRAINERS, help=argparse.SUPPRESS)  # set in the subprocess
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set in the subprocess
+    args = parser.parse_args()
+    if args.quick:
+        args.vocab, args.hidden, args.layers, args.seq_len, args.prompt_len = 4000, 64, 2, 128, 32
+        args.batch_size, args.steps, args.warmup, args.memory_steps = 4, 6, 1, 1
+    if args.output is None and not args.quick:
+        args.output = str(Path(__file__).parent / "results" / "iqlearn_cost.json")
+    if not 0 < args.prompt_len < args.seq_len:
+        parser.error("--prompt-len must be between 0 and --seq-len, exclusive")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if args.measure_memory:
+        return measure_memory(args)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
