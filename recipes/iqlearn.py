@@ -6,6 +6,13 @@ Every `SFTConfig` flag works, plus `--td_coef` and `--gamma`. Offline, on the bu
 python recipes/iqlearn.py --config recipes/configs/iqlearn_tiny.yaml
 ```
 
+The same on 2 CPU processes under DeepSpeed ZeRO-3 (no GPU needed):
+
+```bash
+accelerate launch --config_file recipes/accelerate_configs/zero3_cpu.yaml recipes/iqlearn.py \
+    --config recipes/configs/iqlearn_tiny.yaml
+```
+
 On GPUs, with any accelerate config (DDP, DeepSpeed ZeRO-2/3; TRL ships ready ones in `trl/accelerate_configs/`):
 
 ```bash

@@ -16,10 +16,11 @@ import tempfile
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    AutoModelForCausalLM,
     GenerationConfig,
     GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -106,7 +107,7 @@ def build_tiny_model(
         tie_word_embeddings=tie_word_embeddings,
     )
     if architecture == "llama":
-        config = LlamaConfig(
+        model_class, config = LlamaForCausalLM, LlamaConfig(
             hidden_size=hidden_size,
             intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers,
@@ -116,12 +117,14 @@ def build_tiny_model(
             **common,
         )
     elif architecture == "gpt2":
-        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=1024, **common)
+        model_class, config = GPT2LMHeadModel, GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=1024, **common)
     else:
         raise ValueError(f"`architecture` must be 'llama' or 'gpt2', got {architecture!r}.")
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    # The class itself, not `AutoModelForCausalLM.from_config`: under DeepSpeed ZeRO-3 the latter partitions the
+    # weights with collectives, which deadlocks when only the main process builds the model
+    model = model_class(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -53,12 +53,20 @@ def naive_iqlearn_loss(model, batch, td_coef, gamma):
     return total / mask.sum(), torch.stack(rewards)
 
 
-@pytest.mark.parametrize("dataset_format", ["prompt_completion", "conversational_multi_turn"])
-def test_loss_matches_naive_full_logits_computation(tmp_path, tiny_model_path, dataset_format):
+@pytest.mark.parametrize(
+    "model_fixture,dataset_format",
+    [
+        ("tiny_model_path", "prompt_completion"),
+        ("tiny_model_path", "conversational_multi_turn"),
+        ("tiny_tied_model_path", "prompt_completion"),  # GPT-2 with the LM head tied to the input embeddings
+    ],
+)
+def test_loss_matches_naive_full_logits_computation(tmp_path, request, model_fixture, dataset_format):
     # Guards the whole training loss path (data prep, masks, soft-Q head, reduction) against an independent loop,
     # including multi-turn rows where the TD target must skip the user's turn.
     args = _config(tmp_path, td_coef=0.3, gamma=0.9, assistant_only_loss=dataset_format.startswith("conversational"))
-    trainer = IQLearnTrainer(tiny_model_path, args=args, train_dataset=make_dataset(dataset_format, 8))
+    model_path = request.getfixturevalue(model_fixture)
+    trainer = IQLearnTrainer(model_path, args=args, train_dataset=make_dataset(dataset_format, 8))
     batch = _first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
     expected, _ = naive_iqlearn_loss(trainer.model, batch, td_coef=0.3, gamma=0.9)
