@@ -265,3 +265,13 @@ def test_evaluation_logs_the_same_metrics(tmp_path, tiny_model_path):
     for key in ("eval_loss", "eval_nll", "eval_td_loss", "eval_implicit_reward", "eval_mean_token_accuracy"):
         assert key in metrics, key
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_td_loss"], rel=1e-4)
+
+
+def test_implicit_rewards_refuse_rows_with_no_completion_left(tmp_path, tiny_model_path):
+    # A prompt that fills `max_length` leaves no completion token, hence no reward: an error, not a shorter list
+    dataset = make_dataset("prompt_completion", 8)
+    trainer = IQLearnTrainer(tiny_model_path, args=_config(tmp_path, max_length=6), train_dataset=dataset)
+    with pytest.raises(ValueError, match=r"row\(s\) have no completion token left within `max_length` \(6\)"):
+        trainer.compute_implicit_rewards(dataset)
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        trainer.compute_implicit_rewards(dataset.to_list())
