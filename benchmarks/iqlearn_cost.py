@@ -43,8 +43,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -55,26 +53,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import current_rss_bytes, machine, peak_rss_bytes
 
 
 MIB = 2**20
 TRAINERS = ("sft", "iqlearn")
 LABELS = {"sft": "SFTTrainer", "iqlearn": "IQLearnTrainer"}
 TARGETS = {"step_time": 1.10, "peak_memory": 1.05}  # IQLearn / SFT, at most
-
-
-def _peak_rss_bytes():
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-
-
-def _current_rss_bytes():
-    """Resident set size now (Linux); elsewhere the peak so far, which can only make the increase smaller."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss_bytes()
 
 
 def _sync(device):
@@ -170,11 +155,11 @@ def measure_memory(args):
         device = trainer.args.device
         _train_step(trainer, _tiny_batch(batches[0], args.prompt_len))  # AdamW state, kernels, thread pools
         gc.collect()
-        peak_before, baseline = _peak_rss_bytes(), _current_rss_bytes()
+        peak_before, baseline = peak_rss_bytes(), current_rss_bytes()
         for batch in batches[: args.memory_steps]:
             _train_step(trainer, batch)
         _sync(device)
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
     new_peak = peak > peak_before
     if not new_peak:
         print(f"warning: {args.measure_memory} set no new RSS peak; its number is an upper bound", file=sys.stderr)
@@ -227,23 +212,6 @@ def _profile(name, trainer, batch):
 def _summary(seconds):
     q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else seconds * 3
     return {"median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "seconds": seconds}
-
-
-def _machine(device):
-    import transformers
-    import trl
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "trl": trl.__version__,
-        "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-    }
 
 
 def run(args):
@@ -329,7 +297,7 @@ def run(args):
     record = {
         "benchmark": "per-step wall time and peak memory: IQLearnTrainer vs SFTTrainer, same batches",
         "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
-        "machine": _machine(args.device),
+        "machine": machine(args.device),
         "sizes": sizes,
         "config": {
             "optimizer": "adamw_torch",

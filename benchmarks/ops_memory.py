@@ -18,15 +18,13 @@ the profiler hooks and is heavier to parse.) The seconds printed beside are one 
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import current_rss_bytes, machine, peak_rss_bytes
 
 
 MIB = 2**20
@@ -56,20 +54,6 @@ def _inputs(tokens, hidden_size, vocab, dtype, device):
     return hidden, weight.requires_grad_(), labels, grads[0], grads[1]
 
 
-def _peak_rss_bytes():
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-
-
-def _current_rss_bytes():
-    """Resident set size now (Linux); elsewhere the peak so far, which can only make the increase smaller."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss_bytes()
-
-
 def measure(args):
     """Runs in the child process: prints one JSON line with the peak memory increase of one path."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -80,25 +64,14 @@ def measure(args):
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        peak_before, baseline = _peak_rss_bytes(), _current_rss_bytes()
+        peak_before, baseline = peak_rss_bytes(), current_rss_bytes()
     start = time.perf_counter()
     loss = _step(args.path, *inputs, chunk_size=args.chunk_size)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     if device.type != "cuda" and peak <= peak_before:
         print(f"warning: the {args.path} step set no new RSS peak; its number is a lower bound", file=sys.stderr)
     print(json.dumps({"path": args.path, "peak_increase_bytes": peak - baseline, "seconds": seconds, "loss": loss}))
-
-
-def machine(device):
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-    }
 
 
 def main():
@@ -110,11 +83,15 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="vocab 8000, tokens 1024, chunk 256: a smoke run")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "ops_memory.json"))
+    parser.add_argument(
+        "--output", help="JSON to write (default: results/ops_memory.json; with --quick, none unless given)"
+    )
     parser.add_argument("--path", choices=["naive", "chunked"], help=argparse.SUPPRESS)  # set in the subprocess
     args = parser.parse_args()
     if args.quick:
         args.vocab, args.tokens, args.chunk_size = 8000, 1024, 256
+    elif args.output is None:
+        args.output = str(Path(__file__).parent / "results" / "ops_memory.json")
     if args.path:
         return measure(args)
 
@@ -151,9 +128,10 @@ def main():
         },
         "ratio_naive_over_chunked": ratio,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
