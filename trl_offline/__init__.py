@@ -3,7 +3,7 @@
 __version__ = "0.1.0.dev0"
 
 from .iqlearn import IQLearnConfig, IQLearnTrainer
-from .losses import iqlearn_loss
+from .losses import alol_loss, iqlearn_loss
 
 
-__all__ = ["IQLearnConfig", "IQLearnTrainer", "iqlearn_loss"]
+__all__ = ["IQLearnConfig", "IQLearnTrainer", "alol_loss", "iqlearn_loss"]

@@ -1,6 +1,7 @@
 """Pure loss functions: tensors in, tensors out. No Trainer, accelerate or config objects here."""
 
+from .alol import alol_loss
 from .iqlearn import iqlearn_loss, next_action_values
 
 
-__all__ = ["iqlearn_loss", "next_action_values"]
+__all__ = ["alol_loss", "iqlearn_loss", "next_action_values"]
