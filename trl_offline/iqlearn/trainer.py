@@ -237,7 +237,8 @@ class IQLearnTrainer(SFTTrainer):
         super().save_model(output_dir, _internal_call)
         # A model saved by the user carries its model card, as a checkpoint does
         if not _internal_call and self.is_world_process_zero():
-            self.create_model_card(model_name=os.path.basename(os.path.normpath(self.args.output_dir)))
+            hub_id, output_dir_name = self.args.hub_model_id, os.path.basename(os.path.normpath(self.args.output_dir))
+            self.create_model_card(model_name=hub_id.split("/")[-1] if hub_id else output_dir_name)
             target = output_dir or self.args.output_dir
             card = os.path.join(self.args.output_dir, "README.md")
             if os.path.abspath(target) != os.path.abspath(self.args.output_dir) and os.path.isfile(card):
