@@ -107,23 +107,19 @@ def build_tiny_model(
         tie_word_embeddings=tie_word_embeddings,
     )
     if architecture == "llama":
-        model_class, config = (
-            LlamaForCausalLM,
-            LlamaConfig(
-                hidden_size=hidden_size,
-                intermediate_size=2 * hidden_size,
-                num_hidden_layers=num_layers,
-                num_attention_heads=num_heads,
-                num_key_value_heads=num_heads,
-                max_position_embeddings=1024,
-                **common,
-            ),
+        model_class = LlamaForCausalLM
+        config = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=1024,
+            **common,
         )
     elif architecture == "gpt2":
-        model_class, config = (
-            GPT2LMHeadModel,
-            GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=1024, **common),
-        )
+        model_class = GPT2LMHeadModel
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=1024, **common)
     else:
         raise ValueError(f"`architecture` must be 'llama' or 'gpt2', got {architecture!r}.")
 
