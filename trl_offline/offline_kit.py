@@ -208,6 +208,51 @@ def make_dataset(dataset_format: str, num_rows: int = 64, seed: int = 0) -> Data
     return Dataset.from_list(rows)
 
 
+def sort_reward_func(prompts: list, completions: list, **kwargs) -> list[float]:
+    """`sort_reward` with GRPO's reward-function signature, for standard or conversational rows."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sort_reward(prompt_letters(p), t.strip()) for p, t in zip(prompts, texts)]
+
+
+SCORED_FORMATS = ("prompt_completion", "conversational_prompt_completion")
+
+
+def make_scored_dataset(
+    dataset_format: str = "conversational_prompt_completion", num_rows: int = 64, seed: int = 0, score: str = "reward"
+) -> Dataset:
+    """Sorting prompts with answers of mixed quality, as offline RL data: a quarter each of the expert's answer, the
+    letters left unsorted, the sorted letters reversed, and the expert's answer with one letter changed.
+
+    `score` is `"reward"` (a float `reward` column, `sort_reward` of the answer), `"label"` (KTO's bool `label`:
+    True for the expert's answer) or `"none"` (no score; pass `sort_reward_func` as a reward function).
+    """
+    if dataset_format not in SCORED_FORMATS:
+        raise ValueError(f"Unknown scored format {dataset_format!r}; expected one of {SCORED_FORMATS}.")
+    if score not in ("reward", "label", "none"):
+        raise ValueError(f"`score` must be 'reward', 'label' or 'none', got {score!r}.")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        letters = sort_prompt(rng)
+        expert = "".join(sorted(letters))
+        position = rng.randrange(len(expert))
+        changed = expert[:position] + rng.choice(SORT_ALPHABET.replace(expert[position], "")) + expert[position + 1 :]
+        answer = (expert, letters, expert[::-1], changed)[i % 4]
+        if dataset_format == "prompt_completion":
+            row = {"prompt": f"{letters}=", "completion": answer}
+        else:
+            row = {
+                "prompt": [{"role": "user", "content": letters}],
+                "completion": [{"role": "assistant", "content": answer}],
+            }
+        if score == "reward":
+            row["reward"] = sort_reward(letters, answer)
+        elif score == "label":
+            row["label"] = answer == expert
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
 # Names that recipes accept in place of a hub id, so the tiny configs run on a machine with no hub access.
 
 KIT_PREFIX = "offline_kit:"
@@ -229,10 +274,18 @@ def resolve_kit_model(name: str, root: str) -> str:
 
 
 def load_kit_dataset(name: str, num_train_rows: int = 512, num_test_rows: int = 64):
-    """`offline_kit:<format>` -> a `DatasetDict` with `train` and `test` splits of the sorting task."""
+    """`offline_kit:<format>` -> a `DatasetDict` with `train` and `test` splits of the sorting task;
+    `offline_kit:scored_<format>` -> the same with answers of mixed quality and a `reward` (see
+    `make_scored_dataset`)."""
     from datasets import DatasetDict
 
     dataset_format = name.removeprefix(KIT_PREFIX)
+    if dataset_format.startswith("scored_"):
+        dataset_format = dataset_format.removeprefix("scored_")
+        return DatasetDict(
+            train=make_scored_dataset(dataset_format, num_train_rows, seed=0),
+            test=make_scored_dataset(dataset_format, num_test_rows, seed=1),
+        )
     return DatasetDict(
         train=make_dataset(dataset_format, num_train_rows, seed=0),
         test=make_dataset(dataset_format, num_test_rows, seed=1),

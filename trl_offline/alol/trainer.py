@@ -1,0 +1,329 @@
+import random
+import textwrap
+
+import torch
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+from transformers.utils import logging
+
+from .._trl_compat import hash_module, pad
+from ..losses import alol_loss
+from ..offline_trainer import OfflineRLTrainer
+from ..rewards import compute_rewards
+from ..value import AttentionPoolingValueHead, fit_value_head
+from .config import ALoLConfig
+from .sampler import PriorityAdvantageSampler, positive_advantage_indices
+
+
+logger = logging.get_logger(__name__)
+
+# Columns of a row that describe its completion, not its prompt: not passed to reward functions scoring a new one
+_COMPLETION_COLUMNS = {"completion", "completion_ids", "reward", "label", "ref_logps", "value", "advantage"}
+
+
+class ALoLTrainer(OfflineRLTrainer):
+    """
+    Trainer for Advantage-Leftover-Lunch (A-LoL) offline policy gradient (Baheti et al. 2024, arXiv 2305.14718), a
+    drop-in for [`~trl.SFTTrainer`] or [`~trl.DPOTrainer`] on data with a score per response.
+
+    Before training, once: rows get a reward (a `reward` column, KTO `label`s or unpaired `chosen`/`rejected` rows, or
+    `reward_funcs`); a value head `V_ref(x)` is fit on the frozen reference's prompt features; every row gets the
+    reference's per-token log-probabilities and its advantage `A = R(x, y) - V_ref(x)`. Training then runs on the rows
+    with `A > 0` only, drawn in proportion to `A` with `priority_sampling`, with the loss of `args.loss_type`
+    ([`~trl_offline.alol_loss`]) averaged over sequences.
+
+    Args:
+        model: Model to train, as a path or hub id, a [`~transformers.PreTrainedModel`] or a PEFT model.
+        ref_model: Frozen reference. By default the model as it is before training (with `peft_config`, the base
+            model with the adapters disabled), so no second copy is loaded.
+        args ([`ALoLConfig`], *optional*): Configuration.
+        train_dataset ([`~datasets.Dataset`]): `prompt` + `completion` + `reward` rows, standard or conversational;
+            or `label` (bool) rows; or `chosen`/`rejected` rows; or rows without a score and `reward_funcs`.
+        reward_funcs: Reward functions with GRPO's signature, sequence-classification models or paths to them, or a
+            list of them (weighted by `args.reward_weights`). With them, the value head is fit on the rewards of the
+            reference's own greedy generations, as in the paper.
+        Everything else: as in [`~trl.KTOTrainer`].
+    """
+
+    _tag_names = ["trl", "trl-offline", "alol"]
+    _name = "A-LoL"
+    _config_class = ALoLConfig
+    _paper = {
+        "title": "Leftover Lunch: Advantage-based Offline Reinforcement Learning for Language Models",
+        "id": "2305.14718",
+        "citation": textwrap.dedent("""\
+            @inproceedings{baheti2024leftover,
+                title        = {{Leftover Lunch: Advantage-based Offline Reinforcement Learning for Language Models}},
+                author       = {Ashutosh Baheti and Ximing Lu and Faeze Brahman and Ronan Le Bras and Maarten Sap and Mark Riedl},
+                year         = 2024,
+                booktitle    = {The Twelfth International Conference on Learning Representations},
+                eprint       = {arXiv:2305.14718}
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: ALoLConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        reward_funcs=None,
+        reward_processing_classes=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_funcs=reward_funcs,
+            reward_processing_classes=reward_processing_classes,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self.value_head: AttentionPoolingValueHead | None = None
+        model_hash = hash_module(self.ref_model if self.ref_model is not None else self.model)
+        train = self.train_dataset
+        fingerprint = Hasher.hash((train._fingerprint, model_hash, self._value_settings(), "alol-train"))
+        train = self.cached_columns(
+            train,
+            fingerprint,
+            lambda: self._fit_value_and_score(train),
+            save_state=lambda path: torch.save(self.value_head.state_dict(), path),
+            load_state=self._load_value_head,
+        )
+        positive = positive_advantage_indices(train["advantage"])  # raises when no row has A > 0
+        self.precompute_metrics["advantage/positive_fraction"] = len(positive) / len(train)
+        logger.info(
+            f"A-LoL trains on {len(positive)} of {len(train)} rows ({len(positive) / len(train):.1%}): those whose "
+            "reward beats the reference's value."
+        )
+        self.train_dataset = train.select(positive)
+        if self.eval_dataset is not None:
+            self.eval_dataset = self._map_named(self.eval_dataset, self._score_eval)
+
+    # -- before training ---------------------------------------------------------------------------------------------
+
+    def _value_settings(self) -> tuple:
+        a = self.args
+        return (
+            a.value_num_prompts,
+            a.max_completion_length,
+            a.value_num_heads,
+            a.value_num_epochs,
+            a.value_learning_rate,
+            a.value_batch_size,
+            a.value_validation_fraction,
+            a.seed,
+            self.reward_funcs is not None,
+        )
+
+    def _batch_size(self, mode: str) -> int:
+        default = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        return self.args.precompute_ref_batch_size or default
+
+    def _value_prompt_rows(self, dataset: Dataset) -> list[int]:
+        """A seeded subset of rows with distinct prompts, `value_num_prompts` at most."""
+        order = list(range(len(dataset)))
+        random.Random(self.args.seed).shuffle(order)
+        rows, seen = [], set()
+        for row, prompt_ids in zip(order, dataset.select(order)["prompt_ids"]):
+            if tuple(prompt_ids) not in seen:
+                seen.add(tuple(prompt_ids))
+                rows.append(row)
+                if len(rows) == self.args.value_num_prompts:
+                    break
+        return sorted(rows)
+
+    def _fit_value_and_score(self, dataset: Dataset) -> dict[str, list]:
+        rows = self._value_prompt_rows(dataset)
+        prompts = dataset.select(rows)
+        batch_size = self._batch_size("train")
+        if self.reward_funcs is not None:
+            targets = self._reference_greedy_rewards(prompts, batch_size)
+        else:
+            logger.warning(
+                "No `reward_funcs`: the value head is fit on the dataset's own rewards, so V(x) estimates the value of "
+                "the policy that wrote the data, not of the reference model (the paper fits it on the rewards of the "
+                "reference's greedy generations). Pass `reward_funcs` for the paper's recipe."
+            )
+            targets = prompts["reward"]
+        features = self.map_shards(prompts["prompt_ids"], self._prompt_features, batch_size)
+        fit = fit_value_head(
+            features,
+            torch.tensor(targets, dtype=torch.float32),
+            num_heads=self.args.value_num_heads,
+            epochs=self.args.value_num_epochs,
+            learning_rate=self.args.value_learning_rate,
+            batch_size=self.args.value_batch_size,
+            val_fraction=self.args.value_validation_fraction,
+            seed=self.args.seed,
+            device=self.accelerator.device,
+        )
+        # Fits on GPUs may differ in the last bits between processes; every process uses the first one's
+        state = broadcast_object_list([{k: v.cpu() for k, v in fit.head.state_dict().items()}], from_process=0)[0]
+        fit.head.load_state_dict(state)
+        self.value_head = fit.head
+        self.precompute_metrics.update(
+            {
+                "value/num_prompts": float(len(rows)),
+                "value/target_mean": float(torch.tensor(targets).mean()),
+                "value/train_mse": fit.train_mse,
+                "value/val_mse": fit.val_mse,
+                "value/explained_variance": fit.explained_variance,
+                "value/best_epoch": float(fit.best_epoch),
+            }
+        )
+        logger.info(
+            f"Value head fit on {len(rows)} prompts: train MSE {fit.train_mse:.4g}, validation MSE {fit.val_mse:.4g}, "
+            f"explained variance {fit.explained_variance:.3f} (epoch {fit.best_epoch})."
+        )
+        return self._score_rows(dataset, batch_size)
+
+    def _load_value_head(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
+        self.value_head = AttentionPoolingValueHead(hidden_size, num_heads=self.args.value_num_heads)
+        self.value_head.load_state_dict(state)
+        self.value_head.eval()
+
+    def _score_eval(self, dataset: Dataset, name: str) -> Dataset:
+        fingerprint = Hasher.hash((dataset._fingerprint, self.train_dataset._fingerprint, name, "alol-eval"))
+        return self.cached_columns(dataset, fingerprint, lambda: self._score_rows(dataset, self._batch_size("eval")))
+
+    def _score_rows(self, dataset: Dataset, batch_size: int) -> dict[str, list]:
+        """Reference per-token log-probabilities, `V_ref(x)` and `A = R - V_ref(x)` of every row."""
+
+        def score(indices: list[int]) -> list[tuple[list[float], float]]:
+            rows = dataset.select(indices)
+            examples = [
+                {"prompt_ids": p, "completion_ids": c} for p, c in zip(rows["prompt_ids"], rows["completion_ids"])
+            ]
+            with self.reference_model() as model:
+                logps = self.reference_token_logps(model, self.data_collator(examples))
+            values = self._values(rows["prompt_ids"])
+            return list(zip(logps, values))
+
+        scored = self.map_shards(range(len(dataset)), score, batch_size)
+        values = [value for _, value in scored]
+        return {
+            "ref_logps": [logps for logps, _ in scored],
+            "value": values,
+            "advantage": [reward - value for reward, value in zip(dataset["reward"], values)],
+        }
+
+    def _prompt_features(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+        """The reference's last hidden states over each prompt, `(T_i, H)` float32 tensors on the CPU."""
+        input_ids, attention_mask = self._pad_prompts(prompt_ids, "right")
+        with self.reference_model() as model:
+            hidden = self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return [h[: len(p)].float().cpu() for h, p in zip(hidden, prompt_ids)]  # (T_i, H) each
+
+    def _values(self, prompt_ids: list[list[int]]) -> list[float]:
+        input_ids, attention_mask = self._pad_prompts(prompt_ids, "right")
+        with self.reference_model() as model:
+            hidden = self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with torch.no_grad():
+            return self.value_head.to(hidden.device)(hidden, attention_mask).cpu().tolist()  # (B,)
+
+    def _pad_prompts(self, prompt_ids: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [torch.tensor(p) for p in prompt_ids]
+        input_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side=side)  # (B, T)
+        attention_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side=side)  # (B, T)
+        return input_ids.to(self.accelerator.device), attention_mask.to(self.accelerator.device)
+
+    def _reference_greedy_rewards(self, prompts: Dataset, batch_size: int) -> list[float]:
+        """Rewards of the reference's greedy answers to `prompts` (A-LoL's value targets), scored by `reward_funcs`
+        with the prompt's other columns."""
+        completions = self.map_shards(prompts["prompt_ids"], self._greedy_completions, batch_size)
+        conversational = isinstance(prompts[0]["prompt"], list)
+        columns = [c for c in prompts.column_names if c not in _COMPLETION_COLUMNS and c != "prompt_ids"]
+        generated = prompts.select_columns(columns).add_column(
+            "completion",
+            [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions,
+        )
+        return compute_rewards(
+            generated,
+            self.reward_funcs,
+            self.reward_processing_classes,
+            self.args.reward_weights,
+            device=self.accelerator.device,
+        )
+
+    def _greedy_completions(self, prompt_ids: list[list[int]]) -> list[str]:
+        input_ids, attention_mask = self._pad_prompts(prompt_ids, "left")
+        with self.reference_model() as model:
+            generated = self.accelerator.unwrap_model(model).generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=self.args.max_completion_length,
+                do_sample=False,
+                pad_token_id=self._tokenizer.pad_token_id,
+                # Under ZeRO-3 every process takes part in every forward, until the last one is done
+                synced_gpus=self.is_deepspeed_enabled and self.accelerator.num_processes > 1,
+            )
+        return self._tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.priority_sampling:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return PriorityAdvantageSampler(dataset["advantage"], seed=self.args.seed)
+
+    # -- training ----------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        logps = outputs.log_probs[:, -(input_ids.shape[1] - 1) :]  # (B, T - 1); PEFT prompt tuning prepends tokens
+        mask = completion_mask[:, 1:]  # (B, T - 1)
+        per_sequence, metrics = alol_loss(
+            logps,
+            inputs["ref_logps"].to(logps.dtype),
+            mask,
+            inputs["advantage"].to(logps.dtype),
+            variant=self.args.loss_type,
+            clip_epsilon=self.args.clip_epsilon,
+            kl_coef=self.args.kl_coef,
+        )  # (B,)
+        loss = per_sequence.mean()  # the paper's batch mean over sequences; the Trainer divides by accumulation
+
+        trained = (inputs["advantage"] > 0).to(logps.dtype)  # (B,) the rows with a gradient
+        sums = {
+            "rows": torch.tensor(float(len(trained)), device=logps.device),
+            "trained_rows": trained.sum(),
+            "advantage/mean": inputs["advantage"].sum(),
+            "reward/mean": inputs["reward"].sum(),
+            "value/mean": inputs["value"].sum(),
+            "nll": metrics["nll"].sum(),
+            "kl": metrics["kl"].sum(),
+        }
+        counts = dict.fromkeys(("advantage/mean", "reward/mean", "value/mean", "nll", "kl"), "rows")
+        if "importance_weight" in metrics:  # averaged over the rows that are trained on, whose weights matter
+            sums["importance_weight/mean"] = (metrics["importance_weight"] * trained).sum()
+            sums["importance_weight/clip_fraction"] = (metrics["clipped"] * trained).sum()
+            counts.update(
+                {"importance_weight/mean": "trained_rows", "importance_weight/clip_fraction": "trained_rows"}
+            )
+        self.log_sums(mode, sums, counts)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,448 @@
+"""What the trainers that learn from scored responses (A-LoL, DRO) share: TRL's `KTOTrainer` set-up (model as a path
+or an object, tokenizer, PEFT, a frozen reference, the fused LM head), rows normalised to prompt + completion + reward,
+their tokenization and collation, and reference passes over a whole dataset before training that work under DDP and
+DeepSpeed ZeRO-3."""
+
+import contextlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from datasets import Dataset, concatenate_datasets
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
+from transformers.data.data_collator import DataCollatorMixin
+from transformers.utils import logging
+from trl import is_conversational
+from trl.data_utils import common_prefix_length
+from trl.models import prepare_deepspeed
+
+from ._trl_compat import (
+    BaseTrainer,
+    add_fused_lm_head,
+    create_model_from_path,
+    disable_dropout_in_model,
+    disable_gradient_checkpointing,
+    pad,
+    tokenize,
+    use_adapter,
+)
+from .data import to_rewarded_dataset
+from .rewards import add_reward_column, load_reward_funcs
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DataCollatorForRewardedCompletions(DataCollatorMixin):
+    """Right-pads tokenized `prompt_ids` + `completion_ids` rows into `input_ids`, `attention_mask` and
+    `completion_mask` (1 on completion tokens), like TRL's `DataCollatorForUnpairedPreference`, and stacks the
+    per-row floats that are present (`reward`, `value`, `advantage`).
+
+    Per-token reference log-probabilities (`ref_logps`, one per completion token) are placed where the fused LM head
+    puts the policy's: `(B, T - 1)`, position `t` scoring token `t + 1`, zero elsewhere.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [torch.tensor(e["prompt_ids"] + e["completion_ids"]) for e in examples]
+        masks = [torch.tensor([0] * len(e["prompt_ids"]) + [1] * len(e["completion_ids"])) for e in examples]
+        kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
+        output = {
+            "input_ids": pad(ids, padding_value=self.pad_token_id, **kwargs),  # (B, T)
+            "attention_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, **kwargs),  # (B, T)
+            "completion_mask": pad(masks, padding_value=0, **kwargs),  # (B, T)
+        }
+        if "ref_logps" in examples[0]:
+            ref_logps = torch.zeros(len(examples), output["input_ids"].shape[1] - 1)  # (B, T - 1)
+            for row, example in enumerate(examples):
+                start = len(example["prompt_ids"]) - 1  # the last prompt token predicts the first completion token
+                ref_logps[row, start : start + len(example["ref_logps"])] = torch.tensor(example["ref_logps"])
+            output["ref_logps"] = ref_logps
+        for key in ("reward", "value", "advantage"):
+            if key in examples[0]:
+                output[key] = torch.tensor([float(e[key]) for e in examples])  # (B,)
+        return output
+
+
+class _LogAtTrainBegin(TrainerCallback):
+    """Logs what was measured before training (the value head's fit, the positive fraction) as step 0."""
+
+    def __init__(self, trainer: "OfflineRLTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.precompute_metrics:
+            self.trainer.log(dict(self.trainer.precompute_metrics))
+
+
+class OfflineRLTrainer(BaseTrainer):
+    """Base of the trainers that learn from `(prompt, completion, reward)` rows; see the module docstring.
+
+    Subclasses set `_config_class` and implement `compute_loss`; they call `reference_pass` to run the frozen
+    reference over a dataset before training.
+    """
+
+    loss_is_scaled_for_ga = False
+    _config_class: type[TrainingArguments]
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        reward_funcs=None,
+        reward_processing_classes=None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        args = self._as_config(model, args)
+        if train_dataset is None:
+            raise ValueError(f"{type(self).__name__} needs a `train_dataset`.")
+        for name, dataset in {"train": train_dataset, **self._named(eval_dataset)}.items():
+            if not isinstance(dataset, Dataset):  # the advantages are computed once over the whole dataset
+                raise TypeError(
+                    f"The {name} dataset must be a map-style `datasets.Dataset`, got {type(dataset).__name__}."
+                )
+        set_seed(args.seed)  # PEFT initialises adapters randomly
+        model = self._load_model(model, args)
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` cannot be the same object; omit `ref_model` to use the model.")
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if not isinstance(processing_class, PreTrainedTokenizerBase):
+            raise TypeError(
+                f"`processing_class` must be a tokenizer (text-only models), got {type(processing_class).__name__}."
+            )
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+        model = self._maybe_wrap_peft(model, peft_config, args)
+        # Without a separate reference, the model at this point is the reference (reference passes run before any
+        # training step); a LoRA adapter the trainer just created starts at zero, so disabling it is the same model
+        self._reference_disables_adapters = peft_config is not None and ref_model is None
+
+        self.reward_funcs, self.reward_processing_classes = None, None
+        if reward_funcs is not None:
+            self.reward_funcs, self.reward_processing_classes = load_reward_funcs(
+                reward_funcs, reward_processing_classes, args.model_init_kwargs
+            )
+        self._tokenizer = processing_class
+        train_dataset = self._prepare_dataset(train_dataset, args, "train")
+        eval_dataset = self._map_named(eval_dataset, lambda d, n: self._prepare_dataset(d, args, n))
+        if data_collator is None:
+            data_collator = DataCollatorForRewardedCompletions(
+                processing_class.pad_token_id, pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None)
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support `nn.DataParallel`: launch with `accelerate launch` or make "
+                "one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+        # Per-token log-probabilities without the (B, T, V) logits
+        add_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            add_fused_lm_head(ref_model)
+            if args.disable_dropout:
+                disable_dropout_in_model(ref_model)
+            if self.is_deepspeed_enabled:
+                self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
+            else:
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self._reference_engine = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.precompute_metrics: dict[str, float] = {}
+        self.add_callback(_LogAtTrainBegin(self))
+        self.model.add_model_tags(self._tag_names)
+
+    # -- set-up ------------------------------------------------------------------------------------------------------
+
+    def _as_config(self, model, args):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            return self._config_class(f"{os.path.basename(name.rstrip('/')) or 'model'}-{self._name}")
+        if isinstance(args, self._config_class):
+            return args
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token  # to_dict hides it
+        return self._config_class(**dict_args)
+
+    @staticmethod
+    def _named(datasets) -> dict:
+        return {} if datasets is None else datasets if isinstance(datasets, dict) else {"eval": datasets}
+
+    @staticmethod
+    def _map_named(datasets, fn):
+        if datasets is None:
+            return None
+        if isinstance(datasets, dict):
+            return {name: fn(dataset, name) for name, dataset in datasets.items()}
+        return fn(datasets, "eval")
+
+    def _load_model(self, model, args):
+        if not isinstance(model, str):
+            if args.model_init_kwargs is not None:
+                logger.warning("`model_init_kwargs` are ignored: the model is already instantiated.")
+            return model
+        model_init_kwargs = dict(args.model_init_kwargs or {})
+        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            model_init_kwargs["device_map"] = None  # "auto" fails under distributed training
+        return create_model_from_path(model, **model_init_kwargs)
+
+    def _maybe_wrap_peft(self, model, peft_config, args):
+        if peft_config is None:
+            return model
+        from peft import get_peft_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if is_peft_model(model):
+            raise ValueError("You passed a PEFT model and a `peft_config`; merge the adapter first or pass one.")
+        kwargs = {}
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            # ZeRO-3 gathers parameters into buffers of one dtype: keep the adapters in the model's (as TRL does)
+            kwargs["autocast_adapter_dtype"] = False
+        model = get_peft_model(model, peft_config, **kwargs)
+        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+            raise ValueError(
+                "A PEFT adapter on `lm_head` is not supported: log-probabilities are computed from `lm_head.weight` "
+                "directly, so the adapter would never be trained. Remove 'lm_head' from `target_modules`."
+            )
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return model
+
+    # -- data --------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset: Dataset, args, name: str) -> Dataset:
+        """Rows with a float `reward` (from the data or `reward_funcs`), `prompt_ids` and `completion_ids` that fit
+        in `max_length`; every check names the column and the row."""
+        if "prompt_ids" in dataset.column_names:  # already prepared, e.g. by a previous call
+            return dataset
+        num_proc = args.dataset_num_proc
+        if self.reward_funcs is not None:
+            if "reward" in dataset.column_names:
+                raise ValueError(
+                    f"The {name} dataset has a 'reward' column and `reward_funcs` were given: pass one source of "
+                    "rewards (drop the column or the functions)."
+                )
+            dataset = to_rewarded_dataset(dataset, requires_reward=False, name=name, num_proc=num_proc)
+            if "reward" in dataset.column_names:  # made from `label`: the reward functions decide instead
+                dataset = dataset.remove_columns("reward")
+            dataset = add_reward_column(
+                dataset,
+                self.reward_funcs,
+                self.reward_processing_classes,
+                args.reward_weights,
+                device=args.device,
+            )
+        else:
+            dataset = to_rewarded_dataset(dataset, name=name, num_proc=num_proc)
+        dataset = dataset.map(
+            self._tokenize_row, num_proc=num_proc, desc=f"Tokenizing {name} dataset", load_from_cache_file=True
+        )
+        if args.max_length is not None:
+            too_long = [i for i, n in enumerate(dataset["prompt_ids"]) if len(n) >= args.max_length]
+            if too_long:
+                raise ValueError(
+                    f"Rows {too_long[:10]} of the {name} dataset ({len(too_long)} in all) have prompts of "
+                    f"{len(dataset[too_long[0]]['prompt_ids'])}+ tokens, leaving no room for a completion within "
+                    f"`max_length={args.max_length}`. Raise `max_length` or shorten or drop those prompts."
+                )
+            room = args.max_length
+            dataset = dataset.map(
+                lambda row: {"completion_ids": row["completion_ids"][: room - len(row["prompt_ids"])]},
+                num_proc=num_proc,
+                desc=f"Truncating {name} completions to max_length",
+            )
+        return dataset
+
+    def _tokenize_row(self, row: dict) -> dict[str, list[int]]:
+        """Prompt and completion ids; the completion starts where the tokenized prompt and prompt + completion
+        diverge, as in TRL's `KTOTrainer`."""
+        tokenizer = self._tokenizer
+        if is_conversational(row):
+            prompt_ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
+            full_ids = tokenize(tokenizer, row["prompt"] + row["completion"])["input_ids"]
+        else:
+            completion = row["completion"]
+            if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+                completion += tokenizer.eos_token
+            prompt_ids = tokenize(tokenizer, row["prompt"])["input_ids"]
+            full_ids = tokenize(tokenizer, row["prompt"] + completion)["input_ids"]
+        prompt_len = common_prefix_length(prompt_ids, full_ids)
+        return {"prompt_ids": prompt_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids", "reward", "ref_logps", "value", "advantage"]
+
+    # -- reference passes before training ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference, ready for forwards: `ref_model` if given, else the model as it is before training
+        (adapters disabled when the trainer created them). Under DeepSpeed the parameters are not placed (ZeRO-1/2)
+        or are sharded (ZeRO-3) until `train()`, so an inference engine is built once, as TRL's `KTOTrainer` does."""
+        if self.state.global_step > 0 and self.ref_model is None:
+            raise RuntimeError("The reference is the model before training; it is gone once training has started.")
+        if self.ref_model is not None:
+            model = self.ref_model
+        elif self.is_deepspeed_enabled:
+            if self._reference_engine is None:
+                self._reference_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._reference_engine
+        else:
+            model = self.model
+        adapters = contextlib.nullcontext()
+        if self._reference_disables_adapters:
+            adapters = use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None)
+        was_training = model.training
+        model.eval()
+        try:
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                adapters,
+                self.accelerator.autocast(),
+            ):
+                yield model
+        finally:
+            model.train(was_training)
+
+    def backbone(self, model) -> torch.nn.Module:
+        """The transformer body (last hidden states) of `model`, under any wrapper."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if is_peft_model(unwrapped):
+            unwrapped = unwrapped.get_base_model()
+        return unwrapped.base_model
+
+    def map_shards(self, items: Sequence, fn: Callable[[list], list], batch_size: int) -> list:
+        """`fn` over `items` in batches, each process taking an equal contiguous share (the last item repeated to
+        even them out, so ZeRO-3's collective forwards line up), results gathered on every process in order."""
+        items = list(items)
+        with self.accelerator.split_between_processes(items, apply_padding=True) as shard:
+            results = []
+            for start in range(0, len(shard), batch_size):
+                results += fn(shard[start : start + batch_size])
+        return gather_object(results)[: len(items)] if self.accelerator.num_processes > 1 else results
+
+    def reference_token_logps(self, model, batch: dict[str, torch.Tensor]) -> list[list[float]]:
+        """Per-token log-probabilities of each row's completion under `model`, from TRL's fused LM head."""
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        logps = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
+        ).log_probs  # (B, T - 1)
+        logps = logps[:, -(batch["input_ids"].shape[1] - 1) :]  # prompt-learning PEFT prepends virtual tokens
+        mask = batch["completion_mask"][:, 1:].bool()  # (B, T - 1)
+        return [row[m].float().cpu().tolist() for row, m in zip(logps, mask)]
+
+    def cached_columns(
+        self,
+        dataset: Dataset,
+        fingerprint: str,
+        compute: Callable[[], dict[str, list]],
+        save_state: Callable[[str], None] | None = None,
+        load_state: Callable[[str], None] | None = None,
+    ) -> Dataset:
+        """`dataset` with the columns `compute()` returns, cached beside a file-backed dataset under `fingerprint`
+        (the same on every process), so a rerun on the same data and model skips the reference passes.
+
+        What `compute` puts in `self.precompute_metrics` is cached with the columns, and so is any state it builds
+        (e.g. a fitted value head) through `save_state(path)` and `load_state(path)`. In-memory datasets are not
+        cached: `datasets` gives them no cache folder.
+        """
+        fingerprint = broadcast_object_list([fingerprint], from_process=0)[0]
+        cache_file = dataset._get_cache_file_path(fingerprint) if dataset.cache_files else None
+        if cache_file is not None and os.path.exists(cache_file):
+            with open(cache_file + ".json") as f:
+                self.precompute_metrics.update(json.load(f))
+            if load_state is not None:
+                load_state(cache_file + ".state")
+            logger.info(f"Loaded the reference passes from the cache {cache_file}.")
+            cached = Dataset.from_file(cache_file)
+        else:
+            columns = compute()
+            if cache_file is not None and self.accelerator.is_main_process:
+                if save_state is not None:
+                    save_state(cache_file + ".state")
+                with open(cache_file + ".json", "w") as f:
+                    json.dump(self.precompute_metrics, f)
+                # Written under another name and moved, so a crash never leaves a truncated cache behind
+                Dataset.from_dict(columns).map(cache_file_name=cache_file + ".tmp", new_fingerprint=fingerprint)
+                shutil.move(cache_file + ".tmp", cache_file)
+            self.accelerator.wait_for_everyone()
+            cached = Dataset.from_dict(columns)
+        drop = [c for c in cached.column_names if c in dataset.column_names]
+        return concatenate_datasets([dataset.remove_columns(drop), cached], axis=1)
+
+    # -- logging and saving ------------------------------------------------------------------------------------------
+
+    def log_sums(self, mode: str, sums: dict[str, torch.Tensor], counts: dict[str, str]) -> None:
+        """Appends `sum / count` of each metric over every process, with one gather: `sums` maps names to summed
+        tensors, `counts` each name to the key in `sums` of its denominator."""
+        keys = list(sums)
+        totals = self.accelerator.gather_for_metrics(torch.stack([sums[k].float() for k in keys]).unsqueeze(0))
+        totals = dict(zip(keys, totals.sum(0).tolist()))
+        for key, denominator in counts.items():
+            if totals[denominator] > 0:
+                self._metrics[mode][key].append(totals[key] / totals[denominator])
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _save_checkpoint(self, model, trial):
+        self.create_model_card(model_name=self._model_card_name())
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.is_world_process_zero():  # a model saved by the user carries its card too
+            self.create_model_card(model_name=self._model_card_name())
+            target, card = output_dir or self.args.output_dir, os.path.join(self.args.output_dir, "README.md")
+            if os.path.abspath(target) != os.path.abspath(self.args.output_dir) and os.path.isfile(card):
+                shutil.copyfile(card, os.path.join(target, "README.md"))
+
+    def _model_card_name(self) -> str:
+        hub_id = self.args.hub_model_id
+        return hub_id.split("/")[-1] if hub_id else os.path.basename(os.path.normpath(self.args.output_dir))
