@@ -275,17 +275,18 @@ def resolve_kit_model(name: str, root: str) -> str:
 
 def load_kit_dataset(name: str, num_train_rows: int = 512, num_test_rows: int = 64):
     """`offline_kit:<format>` -> a `DatasetDict` with `train` and `test` splits of the sorting task;
-    `offline_kit:scored_<format>` -> the same with answers of mixed quality and a `reward` (see
-    `make_scored_dataset`)."""
+    `offline_kit:scored_<format>` and `offline_kit:labelled_<format>` -> answers of mixed quality with a `reward`,
+    or with KTO's `label` (see `make_scored_dataset`)."""
     from datasets import DatasetDict
 
     dataset_format = name.removeprefix(KIT_PREFIX)
-    if dataset_format.startswith("scored_"):
-        dataset_format = dataset_format.removeprefix("scored_")
-        return DatasetDict(
-            train=make_scored_dataset(dataset_format, num_train_rows, seed=0),
-            test=make_scored_dataset(dataset_format, num_test_rows, seed=1),
-        )
+    for prefix, score in (("scored_", "reward"), ("labelled_", "label")):
+        if dataset_format.startswith(prefix):
+            dataset_format = dataset_format.removeprefix(prefix)
+            return DatasetDict(
+                train=make_scored_dataset(dataset_format, num_train_rows, seed=0, score=score),
+                test=make_scored_dataset(dataset_format, num_test_rows, seed=1, score=score),
+            )
     return DatasetDict(
         train=make_dataset(dataset_format, num_train_rows, seed=0),
         test=make_dataset(dataset_format, num_test_rows, seed=1),

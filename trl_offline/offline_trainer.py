@@ -124,7 +124,9 @@ class OfflineRLTrainer(BaseTrainer):
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object; omit `ref_model` to use the model.")
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(
+                model.config._name_or_path, trust_remote_code=args.trust_remote_code
+            )
         if not isinstance(processing_class, PreTrainedTokenizerBase):
             raise TypeError(
                 f"`processing_class` must be a tokenizer (text-only models), got {type(processing_class).__name__}."
@@ -216,6 +218,7 @@ class OfflineRLTrainer(BaseTrainer):
         model_init_kwargs = dict(args.model_init_kwargs or {})
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             model_init_kwargs["device_map"] = None  # "auto" fails under distributed training
+        model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         return create_model_from_path(model, **model_init_kwargs)
 
     def _maybe_wrap_peft(self, model, peft_config, args):

@@ -19,7 +19,9 @@ class ALoLConfig(BaseConfig):
         > Parameters that control the model
 
         model_init_kwargs (`dict[str, Any]`, *optional*):
-            Keyword arguments for `from_pretrained` when `model` is a string.
+            Keyword arguments for `from_pretrained` when `model` (or a reward model) is a string.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Whether to allow models and tokenizers that ship custom code.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the model, so that the policy and the reference score a response alike.
 
@@ -83,6 +85,10 @@ class ALoLConfig(BaseConfig):
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for `from_pretrained` when `model` is a string."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Whether to allow models and tokenizers that ship custom code."},
     )
     disable_dropout: bool = field(
         default=True,

@@ -1,0 +1,108 @@
+"""Train a causal LM with A-LoL on responses that carry a score, the way `trl/scripts/kto.py` trains it with KTO.
+
+Every `ALoLConfig` flag works (`--loss_type alol_seq`, `--clip_epsilon`, `--priority_sampling`, ...). The dataset has
+`prompt` + `completion` + `reward` rows, KTO `label` rows or preference rows; or no score and `--reward_funcs`, each a
+reward model's path or hub id, or the dotted import path of a Python function with GRPO's signature
+(`f(prompts, completions, **columns) -> list[float]`). Offline, on the built-in tiny model and data:
+
+```bash
+python recipes/alol.py --config recipes/configs/alol_tiny.yaml
+```
+
+The same on 2 CPU processes under DeepSpeed ZeRO-3 (no GPU needed):
+
+```bash
+accelerate launch --config_file recipes/accelerate_configs/zero3_cpu.yaml recipes/alol.py \
+    --config recipes/configs/alol_tiny.yaml
+```
+
+On GPUs, with any accelerate config (DDP, DeepSpeed ZeRO-2/3; TRL ships ready ones in `trl/accelerate_configs/`):
+
+```bash
+accelerate launch --config_file trl/accelerate_configs/zero3.yaml recipes/alol.py \
+    --config recipes/configs/alol_gpu.yaml
+```
+
+`--model_name_or_path offline_kit:llama` and `--dataset_name offline_kit:scored_<format>` (formats:
+prompt_completion, conversational_prompt_completion) name the offline kit's tiny model and scored sorting data, and
+`--reward_funcs trl_offline.offline_kit.sort_reward_func` its reward (with `offline_kit:labelled_<format>`, whose
+labels the reward function then replaces), so the recipe runs without a hub.
+"""
+
+import importlib
+import os
+from dataclasses import dataclass, field
+
+from accelerate import PartialState
+from datasets import load_dataset
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from trl_offline import ALoLConfig, ALoLTrainer
+from trl_offline.offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
+
+
+@dataclass
+class ALoLScriptArguments(ScriptArguments):
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: paths or hub ids of sequence-classification models, or dotted import paths "
+            "of functions with GRPO's signature, e.g. 'my_package.rewards.helpfulness'. Weighted by `reward_weights`."
+        },
+    )
+
+
+def load_reward_func(name: str):
+    """A dotted import path names a function; anything else is a model path or hub id, loaded by the trainer."""
+    module_name, _, attribute = name.rpartition(".")
+    if module_name and not os.path.exists(name):
+        try:
+            return getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError):
+            pass
+    return name
+
+
+def main(script_args: ALoLScriptArguments, training_args: ALoLConfig, model_args: ModelConfig):
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    model = model_args.model_name_or_path
+    if is_kit_name(model):
+        with PartialState().main_process_first():
+            model = resolve_kit_model(model, training_args.output_dir)
+    if is_kit_name(script_args.dataset_name):
+        dataset = load_kit_dataset(script_args.dataset_name)
+    else:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    reward_funcs = [load_reward_func(name) for name in script_args.reward_funcs or []] or None
+
+    trainer = ALoLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        reward_funcs=reward_funcs,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Finish the trackers and destroy the process group, so no rank aborts at exit
+    trainer.end()
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ALoLScriptArguments, ALoLConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)
+    main(script_args, training_args, model_args)
