@@ -9,14 +9,11 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
-from transformers.data.data_collator import DataCollatorMixin
 from transformers.utils import logging
 from trl import is_conversational
 from trl.data_utils import common_prefix_length
@@ -28,50 +25,16 @@ from ._trl_compat import (
     create_model_from_path,
     disable_dropout_in_model,
     disable_gradient_checkpointing,
-    pad,
     tokenize,
     use_adapter,
 )
+from .collator import DataCollatorForRewardedCompletions
 from .data import to_rewarded_dataset
+from .model_card import model_card_name, write_model_card
 from .rewards import add_reward_column, load_reward_funcs
 
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class DataCollatorForRewardedCompletions(DataCollatorMixin):
-    """Right-pads tokenized `prompt_ids` + `completion_ids` rows into `input_ids`, `attention_mask` and
-    `completion_mask` (1 on completion tokens), like TRL's `DataCollatorForUnpairedPreference`, and stacks the
-    per-row floats that are present (`reward`, `value`, `advantage`).
-
-    Per-token reference log-probabilities (`ref_logps`, one per completion token) are placed where the fused LM head
-    puts the policy's: `(B, T - 1)`, position `t` scoring token `t + 1`, zero elsewhere.
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-    return_tensors: str = "pt"
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [torch.tensor(e["prompt_ids"] + e["completion_ids"]) for e in examples]
-        masks = [torch.tensor([0] * len(e["prompt_ids"]) + [1] * len(e["completion_ids"])) for e in examples]
-        kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
-        output = {
-            "input_ids": pad(ids, padding_value=self.pad_token_id, **kwargs),  # (B, T)
-            "attention_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, **kwargs),  # (B, T)
-            "completion_mask": pad(masks, padding_value=0, **kwargs),  # (B, T)
-        }
-        if "ref_logps" in examples[0]:
-            ref_logps = torch.zeros(len(examples), output["input_ids"].shape[1] - 1)  # (B, T - 1)
-            for row, example in enumerate(examples):
-                start = len(example["prompt_ids"]) - 1  # the last prompt token predicts the first completion token
-                ref_logps[row, start : start + len(example["ref_logps"])] = torch.tensor(example["ref_logps"])
-            output["ref_logps"] = ref_logps
-        for key in ("reward", "value", "advantage"):
-            if key in examples[0]:
-                output[key] = torch.tensor([float(e[key]) for e in examples])  # (B,)
-        return output
 
 
 class _LogAtTrainBegin(TrainerCallback):
@@ -162,6 +125,10 @@ class OfflineRLTrainer(BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support FSDP yet; use DeepSpeed ZeRO-3 to shard the model."
+            )
         if args.n_gpu > 1:
             raise ValueError(
                 f"{type(self).__name__} does not support `nn.DataParallel`: launch with `accelerate launch` or make "
@@ -315,8 +282,11 @@ class OfflineRLTrainer(BaseTrainer):
         """The frozen reference, ready for forwards: `ref_model` if given, else the model as it is before training
         (adapters disabled when the trainer created them). Under DeepSpeed the parameters are not placed (ZeRO-1/2)
         or are sharded (ZeRO-3) until `train()`, so an inference engine is built once, as TRL's `KTOTrainer` does."""
-        if self.state.global_step > 0 and self.ref_model is None:
-            raise RuntimeError("The reference is the model before training; it is gone once training has started.")
+        if self.state.global_step > 0 and self.ref_model is None and not self._reference_disables_adapters:
+            raise RuntimeError(
+                "The reference is the model before training, which is gone once training has started: pass a "
+                "`ref_model`, or give the trainer every dataset it scores before `train()`."
+            )
         if self.ref_model is not None:
             model = self.ref_model
         elif self.is_deepspeed_enabled:
@@ -425,7 +395,8 @@ class OfflineRLTrainer(BaseTrainer):
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
+        logs.update(metrics)  # in place: `evaluate` returns the dict it logged
+        super().log(logs, start_time)
         self._metrics[mode].clear()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -435,17 +406,10 @@ class OfflineRLTrainer(BaseTrainer):
         return loss.detach(), None, None
 
     def _save_checkpoint(self, model, trial):
-        self.create_model_card(model_name=self._model_card_name())
+        self.create_model_card(model_name=model_card_name(self.args))
         super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.is_world_process_zero():  # a model saved by the user carries its card too
-            self.create_model_card(model_name=self._model_card_name())
-            target, card = output_dir or self.args.output_dir, os.path.join(self.args.output_dir, "README.md")
-            if os.path.abspath(target) != os.path.abspath(self.args.output_dir) and os.path.isfile(card):
-                shutil.copyfile(card, os.path.join(target, "README.md"))
-
-    def _model_card_name(self) -> str:
-        hub_id = self.args.hub_model_id
-        return hub_id.split("/")[-1] if hub_id else os.path.basename(os.path.normpath(self.args.output_dir))
+        if not _internal_call and self.is_world_process_zero():
+            write_model_card(self, output_dir)

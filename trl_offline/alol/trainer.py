@@ -94,9 +94,11 @@ class ALoLTrainer(OfflineRLTrainer):
             peft_config=peft_config,
         )
         self.value_head: AttentionPoolingValueHead | None = None
-        model_hash = hash_module(self.ref_model if self.ref_model is not None else self.model)
+        reference = self.ref_model if self.ref_model is not None else self.model
+        # ZeRO-3 has already sharded the weights the hash reads, so the checkpoint's name is part of the key too
+        model_id = (self.accelerator.unwrap_model(reference).config._name_or_path, hash_module(reference))
         train = self.train_dataset
-        fingerprint = Hasher.hash((train._fingerprint, model_hash, self._value_settings(), "alol-train"))
+        fingerprint = Hasher.hash((train._fingerprint, model_id, self._value_settings(), "alol-train"))
         train = self.cached_columns(
             train,
             fingerprint,
@@ -225,11 +227,12 @@ class ALoLTrainer(OfflineRLTrainer):
         }
 
     def _prompt_features(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
-        """The reference's last hidden states over each prompt, `(T_i, H)` float32 tensors on the CPU."""
+        """The reference's last hidden states over each prompt, `(T_i, H)` tensors on the CPU (the value head
+        computes in float32 whatever their dtype)."""
         input_ids, attention_mask = self._pad_prompts(prompt_ids, "right")
         with self.reference_model() as model:
             hidden = self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return [h[: len(p)].float().cpu() for h, p in zip(hidden, prompt_ids)]  # (T_i, H) each
+        return [h[: len(p)].cpu() for h, p in zip(hidden, prompt_ids)]  # (T_i, H) each, in the model's dtype
 
     def _values(self, prompt_ids: list[list[int]]) -> list[float]:
         input_ids, attention_mask = self._pad_prompts(prompt_ids, "right")
@@ -275,6 +278,12 @@ class ALoLTrainer(OfflineRLTrainer):
                 synced_gpus=self.is_deepspeed_enabled and self.accelerator.num_processes > 1,
             )
         return self._tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # A dataset passed here is prepared and scored like the ones given at construction
+        if isinstance(eval_dataset, Dataset) and "advantage" not in eval_dataset.column_names:
+            eval_dataset = self._score_eval(self._prepare_dataset(eval_dataset, self.args, "eval"), "eval")
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.args.priority_sampling:

@@ -1,7 +1,6 @@
 import contextlib
 import copy
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ from trl import SFTTrainer
 
 from ..data import check_sft_dataset
 from ..losses import iqlearn_loss
+from ..model_card import write_model_card
 from ..ops.soft_q_head import add_soft_q_head
 from .config import IQLearnConfig
 
@@ -235,11 +235,5 @@ class IQLearnTrainer(SFTTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
-        # A model saved by the user carries its model card, as a checkpoint does
         if not _internal_call and self.is_world_process_zero():
-            hub_id, output_dir_name = self.args.hub_model_id, os.path.basename(os.path.normpath(self.args.output_dir))
-            self.create_model_card(model_name=hub_id.split("/")[-1] if hub_id else output_dir_name)
-            target = output_dir or self.args.output_dir
-            card = os.path.join(self.args.output_dir, "README.md")
-            if os.path.abspath(target) != os.path.abspath(self.args.output_dir) and os.path.isfile(card):
-                shutil.copyfile(card, os.path.join(target, "README.md"))
+            write_model_card(self, output_dir)

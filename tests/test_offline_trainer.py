@@ -1,0 +1,188 @@
+"""What `OfflineRLTrainer` gives every trainer that learns from scored responses: the tokenization of
+prompt + completion rows, the reference passes and the metric bookkeeping. The concrete trainer is `ALoLTrainer`, the
+base class has no loss of its own."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from trl_offline import ALoLConfig, ALoLTrainer
+from trl_offline.offline_kit import build_tiny_model, make_scored_dataset
+
+
+def _config(tmp_path, **overrides) -> ALoLConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-2,
+        seed=0,
+        value_num_prompts=8,
+        value_num_epochs=2,
+        max_completion_length=4,
+    )
+    kwargs.update(overrides)
+    return ALoLConfig(**kwargs)
+
+
+def _naive_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities `(B, T - 1)` from the full logits of a plain forward, position t scoring token
+    t + 1, zero off the completion; and the completion mask of those positions."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    logps = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"][:, 1:].bool()
+    return logps.masked_fill(~mask, 0.0), mask
+
+
+# -- tokenization of the rows -----------------------------------------------------------------------------------------
+
+
+def test_standard_rows_get_an_eos_and_split_at_the_prompt(tmp_path, tiny_model_path):
+    dataset = make_scored_dataset("prompt_completion", 8)
+    trainer = ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset, eval_dataset=dataset)
+    tokenizer = trainer.processing_class
+    prepared = trainer.eval_dataset  # every row, in order
+    for row, original in zip(prepared, dataset):
+        assert tokenizer.decode(row["prompt_ids"]) == original["prompt"]
+        assert tokenizer.decode(row["completion_ids"]) == original["completion"] + tokenizer.eos_token
+        # One reference log-probability per completion token, each a log-probability
+        assert len(row["ref_logps"]) == len(row["completion_ids"])
+        assert all(lp < 0 for lp in row["ref_logps"])
+
+
+def test_conversational_rows_split_after_the_generation_prompt(tmp_path, tiny_model_path):
+    dataset = make_scored_dataset("conversational_prompt_completion", 8)
+    trainer = ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset, eval_dataset=dataset)
+    tokenizer = trainer.processing_class
+    for row, original in zip(trainer.eval_dataset, dataset):
+        user = original["prompt"][0]["content"]
+        answer = original["completion"][0]["content"]
+        assert tokenizer.decode(row["prompt_ids"]) == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        assert tokenizer.decode(row["completion_ids"]) == f"{answer}<|im_end|>\n"
+
+
+def test_completions_are_truncated_to_max_length(tmp_path, tiny_model_path):
+    # Prompts of 4 to 7 characters ("abc=" .. "abcdef="), so max_length=9 cuts most completions
+    dataset = make_scored_dataset("prompt_completion", 12)
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path, max_length=9), train_dataset=dataset, eval_dataset=dataset
+    )
+    tokenizer = trainer.processing_class
+    truncated = 0
+    for row, original in zip(trainer.eval_dataset, dataset):
+        full = tokenizer(original["prompt"] + original["completion"] + tokenizer.eos_token)["input_ids"]
+        expected = full[len(row["prompt_ids"]) : 9]
+        assert row["completion_ids"] == expected
+        assert len(row["ref_logps"]) == len(expected) >= 1
+        truncated += len(full) > 9
+    assert truncated > 0
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert batch["input_ids"].shape[1] <= 9
+
+
+# -- the reference passes ---------------------------------------------------------------------------------------------
+
+
+def test_separate_ref_model_scores_the_rows(tmp_path, tiny_model_path):
+    ref_path = build_tiny_model(str(tmp_path / "ref"), seed=1)
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_path)
+    trainer = ALoLTrainer(
+        tiny_model_path,
+        ref_model=ref_model,
+        args=_config(tmp_path / "out"),
+        train_dataset=make_scored_dataset("prompt_completion", 16),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ref_logps, mask = _naive_token_logps(AutoModelForCausalLM.from_pretrained(ref_path), batch)
+    policy_logps, _ = _naive_token_logps(trainer.model, batch)
+    torch.testing.assert_close(batch["ref_logps"].double(), ref_logps, rtol=0, atol=1e-5)
+    # The policy is another model: its log-probabilities are not the reference's
+    assert (policy_logps - ref_logps)[mask].abs().max() > 1e-2
+    # The reference is frozen through training, the policy is not
+    ref_before = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    assert all(torch.equal(p, ref_before[n]) for n, p in trainer.ref_model.named_parameters())
+
+
+def test_model_cannot_be_its_own_ref_model(tmp_path, tiny_model_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with pytest.raises(ValueError, match="cannot be the same object"):
+        ALoLTrainer(
+            model, ref_model=model, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
+        )
+
+
+def test_reference_is_gone_once_training_has_started(tmp_path, tiny_model_path):
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 16)
+    )
+    trainer.model.train()
+    with trainer.reference_model() as model:
+        assert model is trainer.model and not model.training
+        assert not torch.is_grad_enabled()
+    assert trainer.model.training  # restored
+    trainer.train()
+    with pytest.raises(RuntimeError, match="gone once training has started"):
+        with trainer.reference_model():
+            pass
+
+
+def test_map_shards_keeps_order_and_batches(tmp_path, tiny_model_path):
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
+    )
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        return [10 * i for i in items]
+
+    assert trainer.map_shards(range(7), fn, batch_size=3) == [0, 10, 20, 30, 40, 50, 60]
+    assert calls == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_cached_columns_do_not_cache_in_memory_datasets(tmp_path, tiny_model_path):
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
+    )
+    dataset = Dataset.from_dict({"x": [1, 2, 3]})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"y": [4.0, 5.0, 6.0], "x": [7, 8, 9]}
+
+    for _ in range(2):
+        out = trainer.cached_columns(dataset, "some-fingerprint", compute)
+        # A computed column replaces one of the same name
+        assert sorted(out.column_names) == ["x", "y"] and out["x"] == [7, 8, 9] and out["y"] == [4.0, 5.0, 6.0]
+    assert len(calls) == 2
+
+
+def test_log_sums_divides_by_the_named_count(tmp_path, tiny_model_path):
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
+    )
+    trainer._metrics["train"].clear()
+    sums = {"rows": torch.tensor(4.0), "trained": torch.tensor(0.0), "a": torch.tensor(6.0), "b": torch.tensor(1.0)}
+    trainer.log_sums("train", sums, {"a": "rows", "b": "trained"})
+    # "b" has a zero count: nothing is appended rather than a division by zero
+    assert dict(trainer._metrics["train"]) == {"a": [1.5]}
+
+
+def test_plain_training_arguments_are_converted(tmp_path, tiny_model_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", gradient_checkpointing=False, max_steps=1
+    )
+    trainer = ALoLTrainer(tiny_model_path, args=args, train_dataset=make_scored_dataset("prompt_completion", 8))
+    assert isinstance(trainer.args, ALoLConfig)
+    assert trainer.args.loss_type == "alol" and trainer.args.clip_epsilon == 0.9 and trainer.args.max_steps == 1
