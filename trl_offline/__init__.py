@@ -4,7 +4,7 @@ __version__ = "0.1.0.dev0"
 
 from .alol import ALoLConfig, ALoLTrainer
 from .iqlearn import IQLearnConfig, IQLearnTrainer
-from .losses import alol_loss, iqlearn_loss
+from .losses import alol_loss, dro_loss, iqlearn_loss
 
 
-__all__ = ["ALoLConfig", "ALoLTrainer", "IQLearnConfig", "IQLearnTrainer", "alol_loss", "iqlearn_loss"]
+__all__ = ["ALoLConfig", "ALoLTrainer", "IQLearnConfig", "IQLearnTrainer", "alol_loss", "dro_loss", "iqlearn_loss"]
