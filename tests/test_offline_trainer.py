@@ -168,15 +168,21 @@ def test_cached_columns_do_not_cache_in_memory_datasets(tmp_path, tiny_model_pat
     assert len(calls) == 2
 
 
-def test_log_sums_divides_by_the_named_count(tmp_path, tiny_model_path):
+def test_row_metrics_are_averaged_over_rows_not_batches(tmp_path, tiny_model_path):
     trainer = ALoLTrainer(
         tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
     )
-    trainer._metrics["train"].clear()
-    sums = {"rows": torch.tensor(4.0), "trained": torch.tensor(0.0), "a": torch.tensor(6.0), "b": torch.tensor(1.0)}
-    trainer.log_sums("train", sums, {"a": "rows", "b": "trained"})
-    # "b" has a zero count: nothing is appended rather than a division by zero
-    assert dict(trainer._metrics["train"]) == {"a": [1.5]}
+    trainer.model.train()  # the mode `log` reports
+    trainer._metric_totals["train"].clear()
+    # A full batch of 4 rows and a short one of 1: the mean is over the 5 rows, (1 + 2 + 3 + 4 + 10) / 5 = 4
+    trainer.log_row_metrics("train", {"rows": torch.ones(4), "a": torch.tensor([1.0, 2, 3, 4])}, {"a": "rows"})
+    trainer.log_row_metrics("train", {"rows": torch.ones(1), "a": torch.tensor([10.0])}, {"a": "rows"})
+    # "b" is divided by a total of zero: it is left out rather than divided by zero
+    trainer.log_row_metrics("train", {"none": torch.zeros(2), "b": torch.ones(2)}, {"b": "none"})
+    logs = {}
+    trainer.log(logs)
+    assert logs["a"] == 4.0 and "b" not in logs
+    assert not trainer._metric_totals["train"]  # the next log starts afresh
 
 
 def test_plain_training_arguments_are_converted(tmp_path, tiny_model_path):

@@ -148,7 +148,8 @@ class OfflineRLTrainer(BaseTrainer):
             else:
                 self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self._reference_engine = None
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metric_totals = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._metric_denominators: dict[str, str] = {}
         self.precompute_metrics: dict[str, float] = {}
         self.add_callback(_LogAtTrainBegin(self))
         self.model.add_model_tags(self._tag_names)
@@ -380,24 +381,34 @@ class OfflineRLTrainer(BaseTrainer):
 
     # -- logging and saving ------------------------------------------------------------------------------------------
 
-    def log_sums(self, mode: str, sums: dict[str, torch.Tensor], counts: dict[str, str]) -> None:
-        """Appends `sum / count` of each metric over every process, with one gather: `sums` maps names to summed
-        tensors, `counts` each name to the key in `sums` of its denominator."""
-        keys = list(sums)
-        totals = self.accelerator.gather_for_metrics(torch.stack([sums[k].float() for k in keys]).unsqueeze(0))
-        totals = dict(zip(keys, totals.sum(0).tolist()))
-        for key, denominator in counts.items():
-            if totals[denominator] > 0:
-                self._metrics[mode][key].append(totals[key] / totals[denominator])
+    def log_row_metrics(self, mode: str, rows: dict[str, torch.Tensor], denominators: dict[str, str]) -> None:
+        """Adds per-row metrics to the totals of the next log, over every process, with one gather.
+
+        `rows` maps names to `(B,)` tensors, one value per row, that are summed; `denominators` maps each reported
+        metric to the name whose total divides it (e.g. `"reward/mean": "rows"`). Totals run over every batch since
+        the last log, so a short batch weighs as many rows as it has.
+        """
+        keys = list(rows)
+        per_row = torch.stack([rows[key].float() for key in keys], dim=1)  # (B, K)
+        # One entry per sample, so that `gather_for_metrics` drops the samples repeated to even out the last batch
+        totals = self.accelerator.gather_for_metrics(per_row).sum(0).tolist()  # (K,)
+        for key, total in zip(keys, totals):
+            self._metric_totals[mode][key] += total
+        self._metric_denominators.update(denominators)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        totals = self._metric_totals[mode]
+        metrics = {
+            key: totals[key] / totals[denominator]
+            for key, denominator in self._metric_denominators.items()
+            if totals.get(denominator)
+        }
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)  # in place: `evaluate` returns the dict it logged
         super().log(logs, start_time)
-        self._metrics[mode].clear()
+        totals.clear()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -35,6 +35,21 @@ def test_quickstart_trains_and_reports(tmp_path):
     from trl_offline.quickstart import main
 
     results = main(["--max_steps", "4", "--output_dir", str(tmp_path)])
-    assert set(results) == {"reward_before", "reward_after", "expert_ranked_above_corrupted"}
-    assert all(0.0 <= value <= 1.0 for value in results.values())
-    AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert set(results) == {"iqlearn", "alol"}
+    assert set(results["iqlearn"]) == {"reward_before", "reward_after", "expert_ranked_above_corrupted"}
+    assert set(results["alol"]) == {"data_reward", "positive_fraction", "reward_before", "reward_after"}
+    assert all(0.0 <= value <= 1.0 for run in results.values() for value in run.values())
+    assert 0.0 < results["alol"]["positive_fraction"] < 1.0
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "iqlearn"))
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "alol"))
+
+
+def test_quickstart_runs_the_alol_part_alone(tmp_path, capsys):
+    from trl_offline.quickstart import main
+
+    results = main(["--trainer", "alol", "--max_steps", "2", "--seed", "1", "--output_dir", str(tmp_path)])
+    assert set(results) == {"alol"}
+    assert all(0.0 <= value <= 1.0 for value in results["alol"].values())
+    assert "A-LoL quickstart" in capsys.readouterr().out
+    assert not (tmp_path / "iqlearn").exists()
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "alol"))

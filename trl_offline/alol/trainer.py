@@ -318,21 +318,21 @@ class ALoLTrainer(OfflineRLTrainer):
         loss = per_sequence.mean()  # the paper's batch mean over sequences; the Trainer divides by accumulation
 
         trained = (inputs["advantage"] > 0).to(logps.dtype)  # (B,) the rows with a gradient
-        sums = {
-            "rows": torch.tensor(float(len(trained)), device=logps.device),
-            "trained_rows": trained.sum(),
-            "advantage/mean": inputs["advantage"].sum(),
-            "reward/mean": inputs["reward"].sum(),
-            "value/mean": inputs["value"].sum(),
-            "nll": metrics["nll"].sum(),
-            "kl": metrics["kl"].sum(),
+        rows = {
+            "rows": torch.ones_like(trained),
+            "trained_rows": trained,
+            "advantage/mean": inputs["advantage"],
+            "reward/mean": inputs["reward"],
+            "value/mean": inputs["value"],
+            "nll": metrics["nll"],
+            "kl": metrics["kl"],
         }
-        counts = dict.fromkeys(("advantage/mean", "reward/mean", "value/mean", "nll", "kl"), "rows")
+        denominators = dict.fromkeys(("advantage/mean", "reward/mean", "value/mean", "nll", "kl"), "rows")
         if "importance_weight" in metrics:  # averaged over the rows that are trained on, whose weights matter
-            sums["importance_weight/mean"] = (metrics["importance_weight"] * trained).sum()
-            sums["importance_weight/clip_fraction"] = (metrics["clipped"] * trained).sum()
-            counts.update(
-                {"importance_weight/mean": "trained_rows", "importance_weight/clip_fraction": "trained_rows"}
+            rows["importance_weight/mean"] = metrics["importance_weight"] * trained
+            rows["importance_weight/clip_fraction"] = metrics["clipped"] * trained
+            denominators.update(
+                dict.fromkeys(("importance_weight/mean", "importance_weight/clip_fraction"), "trained_rows")
             )
-        self.log_sums(mode, sums, counts)
+        self.log_row_metrics(mode, rows, denominators)
         return (loss, outputs) if return_outputs else loss
