@@ -1,12 +1,11 @@
 from dataclasses import dataclass, field
-from typing import Any
 
-from .._trl_compat import BaseConfig
 from ..losses.alol import VARIANTS
+from ..offline_config import OfflineRLConfig
 
 
 @dataclass
-class ALoLConfig(BaseConfig):
+class ALoLConfig(OfflineRLConfig):
     r"""
     Configuration class for the [`ALoLTrainer`].
 
@@ -16,24 +15,15 @@ class ALoLConfig(BaseConfig):
     precomputed, since offline data never changes.
 
     Parameters:
-        > Parameters that control the model
+        > Parameters shared with the other trainers that learn from scored responses
 
-        model_init_kwargs (`dict[str, Any]`, *optional*):
-            Keyword arguments for `from_pretrained` when `model` (or a reward model) is a string.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Whether to allow models and tokenizers that ship custom code.
-        disable_dropout (`bool`, *optional*, defaults to `True`):
-            Whether to disable dropout in the model, so that the policy and the reference score a response alike.
+        `model_init_kwargs`, `trust_remote_code`, `disable_dropout`, `dataset_num_proc`, `max_length`,
+        `reward_weights` and `precompute_ref_batch_size`: see [`OfflineRLConfig`].
 
-        > Parameters that control the data
+        > Parameters whose defaults differ from [`~transformers.TrainingArguments`]
 
-        dataset_num_proc (`int`, *optional*):
-            Number of processes to use for processing the dataset.
-        max_length (`int` or `None`, *optional*, defaults to `1024`):
-            Maximum length of prompt + completion in tokens. Completions are truncated from the right to fit; a row
-            whose prompt alone leaves no room for a completion token is an error.
-        reward_weights (`list[float]`, *optional*):
-            Weights of the `reward_funcs` passed to the trainer, all 1.0 by default.
+        learning_rate (`float`, *optional*, defaults to `2e-5`):
+            AdamW learning rate, for full fine-tuning; the paper's QLoRA runs use 2e-4.
 
         > Parameters that control the A-LoL objective
 
@@ -68,48 +58,12 @@ class ALoLConfig(BaseConfig):
             Batch size of the value head's fitting.
         value_validation_fraction (`float`, *optional*, defaults to `0.1`):
             Fraction of the value prompts held out to select the epoch and report the fit.
-        precompute_ref_batch_size (`int`, *optional*):
-            Batch size of the reference forwards and generations before training. Defaults to
-            `per_device_train_batch_size` for training data and `per_device_eval_batch_size` for evaluation data.
     """
-
-    _VALID_DICT_FIELDS = BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(
         default=2e-5,
         metadata={"help": "The initial learning rate for AdamW."},
-    )
-
-    # Parameters that control the model
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for `from_pretrained` when `model` is a string."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Whether to allow models and tokenizers that ship custom code."},
-    )
-    disable_dropout: bool = field(
-        default=True,
-        metadata={"help": "Whether to disable dropout in the model."},
-    )
-
-    # Parameters that control the data
-    dataset_num_proc: int | None = field(
-        default=None,
-        metadata={"help": "Number of processes to use for processing the dataset."},
-    )
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum length of prompt + completion in tokens. Completions are truncated from the right; a "
-            "prompt that leaves no room for a completion token is an error."
-        },
-    )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "Weights of the reward functions, all 1.0 by default."},
     )
 
     # Parameters that control the A-LoL objective
@@ -166,13 +120,6 @@ class ALoLConfig(BaseConfig):
         default=0.1,
         metadata={"help": "Fraction of the value prompts held out to select the epoch and report the fit."},
     )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Batch size of the reference forwards and generations before training; defaults to the "
-            "per-device train (or eval) batch size."
-        },
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -186,10 +133,6 @@ class ALoLConfig(BaseConfig):
             raise ValueError(f"`loss_type='alol_kl'` needs `kl_coef > 0`, got {self.kl_coef}.")
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}.")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(
-                f"`max_length` must be at least 2 (a prompt and a completion token), got {self.max_length}."
-            )
         for name in ("value_num_prompts", "max_completion_length", "value_num_epochs", "value_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -197,5 +140,3 @@ class ALoLConfig(BaseConfig):
             raise ValueError(f"`value_learning_rate` must be > 0, got {self.value_learning_rate}.")
         if not 0 <= self.value_validation_fraction < 1:
             raise ValueError(f"`value_validation_fraction` must be in [0, 1), got {self.value_validation_fraction}.")
-        if self.reward_weights is not None and not all(isinstance(w, int | float) for w in self.reward_weights):
-            raise TypeError(f"`reward_weights` must be a list of numbers, got {self.reward_weights!r}.")

@@ -1,0 +1,87 @@
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._trl_compat import BaseConfig
+
+
+@dataclass
+class OfflineRLConfig(BaseConfig):
+    r"""
+    The fields shared by the configurations of the trainers that learn from scored responses ([`ALoLConfig`],
+    [`DROConfig`]): those of [`~trl.KTOConfig`] that control the model and the data, with the same names and defaults,
+    and the weights of `reward_funcs` as in [`~trl.GRPOConfig`].
+
+    Parameters:
+        > Parameters that control the model
+
+        model_init_kwargs (`dict[str, Any]`, *optional*):
+            Keyword arguments for `from_pretrained` when `model` (or a reward model) is a string.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Whether to allow models and tokenizers that ship custom code.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Whether to disable dropout in the model, so that the policy and the reference score a response alike.
+
+        > Parameters that control the data
+
+        dataset_num_proc (`int`, *optional*):
+            Number of processes to use for processing the dataset.
+        max_length (`int` or `None`, *optional*, defaults to `1024`):
+            Maximum length of prompt + completion in tokens. Completions are truncated from the right to fit; a row
+            whose prompt alone leaves no room for a completion token is an error.
+        reward_weights (`list[float]`, *optional*):
+            Weights of the `reward_funcs` passed to the trainer, all 1.0 by default.
+        precompute_ref_batch_size (`int`, *optional*):
+            Batch size of the reference passes before training. Defaults to `per_device_train_batch_size` for
+            training data and `per_device_eval_batch_size` for evaluation data.
+    """
+
+    _VALID_DICT_FIELDS = BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # Parameters that control the model
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when `model` (or a reward model) is a string."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Whether to allow models and tokenizers that ship custom code."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Whether to disable dropout in the model."},
+    )
+
+    # Parameters that control the data
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Number of processes to use for processing the dataset."},
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Maximum length of prompt + completion in tokens. Completions are truncated from the right; a "
+            "prompt that leaves no room for a completion token is an error."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of the reward functions, all 1.0 by default."},
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch size of the reference passes before training; defaults to the per-device train (or eval) "
+            "batch size."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(
+                f"`max_length` must be at least 2 (a prompt and a completion token), got {self.max_length}."
+            )
+        if self.reward_weights is not None and not all(isinstance(w, int | float) for w in self.reward_weights):
+            raise TypeError(f"`reward_weights` must be a list of numbers, got {self.reward_weights!r}.")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ValueError(f"`precompute_ref_batch_size` must be >= 1, got {self.precompute_ref_batch_size}.")
