@@ -2,12 +2,16 @@
 
 A-LoL's reference value `V_ref(x)` (Baheti et al. 2024, arXiv 2305.14718) is a small head on the frozen reference
 model's last hidden states of the prompt, fit with MSE before policy training; the advantage `A = R(x, y) - V_ref(x)`
-then decides which rows are trained on. The trainer computes and caches the hidden states once; everything here takes
-plain tensors.
+then decides which rows are trained on. The trainer computes and caches the hidden states once; the head takes plain
+tensors.
+
+DRO's value `V(x)` (Richemond et al. 2024, arXiv 2405.19107) is trained jointly with the policy, as a separate network:
+[`PromptValueModel`], a transformer body (initialised from the reference) and a scalar head on the prompt's last token.
 """
 
 import copy
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -254,3 +258,71 @@ def fit_value_head(
         best_epoch=best["epoch"],
         history=history,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DRO: a value network V(x) trained with the policy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PromptValueModel(torch.nn.Module):
+    """`V(x)`: a transformer body and a linear head on the last hidden state of the prompt's last token, one value per
+    example, as DRO's value network (the paper reads the value at the prompt's end and keeps it apart from the
+    policy's weights, which it found to work best).
+
+    The head starts at zero, so an untrained network predicts 0, the mean of rewards standardised as DRO does by
+    default. `save_pretrained(dir)` writes the body as a transformers model (`config.json` + safetensors) and the head
+    as `value_head.safetensors` beside it; `from_pretrained(dir)` reads them back.
+
+    Args:
+        body ([`~transformers.PreTrainedModel`]): a base model (`AutoModel`, no LM head) returning `last_hidden_state`.
+    """
+
+    HEAD_FILE = "value_head.safetensors"
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        hidden_size = body.config.get_text_config().hidden_size
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "PromptValueModel":
+        """The body from `path`, any checkpoint `AutoModel` reads (e.g. the reference causal LM, whose LM head is
+        dropped), with the value head of `path` if it has one and a zero head otherwise."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        model = cls(AutoModel.from_pretrained(path, **kwargs))
+        head_file = os.path.join(path, cls.HEAD_FILE)
+        if os.path.isfile(head_file):
+            model.head.load_state_dict(load_file(head_file))
+        return model
+
+    def save_pretrained(self, path: str, state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
+        """Writes the body with `save_pretrained` and the head as safetensors. `state_dict` (this module's, e.g.
+        gathered from ZeRO-3 shards) replaces the live weights."""
+        from safetensors.torch import save_file
+
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        body_state = {k.removeprefix("body."): v for k, v in state_dict.items() if k.startswith("body.")}
+        head_state = {k.removeprefix("head."): v.contiguous() for k, v in state_dict.items() if k.startswith("head.")}
+        self.body.save_pretrained(path, state_dict=body_state, **kwargs)
+        save_file(head_state, os.path.join(path, self.HEAD_FILE))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input_ids (`torch.Tensor` of shape `(B, T)`): prompts, padded on either side.
+            attention_mask (`torch.Tensor` of shape `(B, T)`): 1 on real tokens.
+
+        Returns:
+            `torch.Tensor` of shape `(B,)`, float32: `V(x)`.
+        """
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        last = (positions * attention_mask).argmax(-1)  # (B,) the last real token, whichever side is padded
+        prompt_end = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(prompt_end.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
