@@ -36,6 +36,18 @@ from .offline_kit import (
 TRAINERS = ("iqlearn", "alol")
 
 
+# Both runs: a CPU, no checkpoints or trackers, a log every 50 steps
+CPU_RUN = dict(
+    gradient_checkpointing=False,
+    logging_steps=50,
+    save_strategy="no",
+    use_cpu=True,
+    bf16=False,
+    report_to="none",
+    disable_tqdm=True,
+)
+
+
 def _corrupt(answer: str, rng: random.Random) -> str:
     """The expert's answer with one letter replaced by a different one."""
     i = rng.randrange(len(answer))
@@ -58,14 +70,8 @@ def run_iqlearn(
         learning_rate=3e-3,
         lr_scheduler_type="cosine",
         warmup_steps=20,
-        gradient_checkpointing=False,
-        logging_steps=50,
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
         seed=seed,
-        disable_tqdm=True,
+        **CPU_RUN,
     )
     trainer = IQLearnTrainer(model=model_path, args=config, train_dataset=train)
     tokenizer = trainer.processing_class
@@ -141,14 +147,8 @@ def run_alol(
         lr_scheduler_type="cosine",
         warmup_steps=min(10, max_steps // 10),
         max_length=128,
-        gradient_checkpointing=False,
-        logging_steps=50,
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
         seed=seed,
-        disable_tqdm=True,
+        **CPU_RUN,
     )
     start = time.perf_counter()
     # No `reward_funcs`, so the value head is fit on the data's own rewards (the trainer warns about it): V(x) then
