@@ -312,6 +312,14 @@ class OfflineRLTrainer(BaseTrainer):
         finally:
             model.train(was_training)
 
+    def release_reference_engine(self) -> None:
+        """Takes down the DeepSpeed inference engine of the reference passes, once they are done: its hooks would
+        otherwise stay on the model beside the training engine's, gathering ZeRO-3 shards twice, and its threads would
+        outlive the process group at exit. `reference_model` builds it again if it is needed before training."""
+        if self._reference_engine is not None:
+            self._reference_engine.destroy()
+            self._reference_engine = None
+
     def backbone(self, model) -> torch.nn.Module:
         """The transformer body (last hidden states) of `model`, under any wrapper."""
         unwrapped = self.accelerator.unwrap_model(model)

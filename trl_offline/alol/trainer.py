@@ -115,6 +115,7 @@ class ALoLTrainer(OfflineRLTrainer):
         self.train_dataset = train.select(positive)
         if self.eval_dataset is not None:
             self.eval_dataset = self._map_named(self.eval_dataset, self._score_eval)
+        self.release_reference_engine()
 
     # -- before training ---------------------------------------------------------------------------------------------
 
@@ -283,6 +284,7 @@ class ALoLTrainer(OfflineRLTrainer):
         # A dataset passed here is prepared and scored like the ones given at construction
         if isinstance(eval_dataset, Dataset) and "advantage" not in eval_dataset.column_names:
             eval_dataset = self._score_eval(self._prepare_dataset(eval_dataset, self.args, "eval"), "eval")
+            self.release_reference_engine()
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _get_train_sampler(self, train_dataset=None):
