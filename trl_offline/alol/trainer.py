@@ -94,11 +94,13 @@ class ALoLTrainer(OfflineRLTrainer):
             peft_config=peft_config,
         )
         self.value_head: AttentionPoolingValueHead | None = None
-        reference = self.ref_model if self.ref_model is not None else self.model
-        # ZeRO-3 has already sharded the weights the hash reads, so the checkpoint's name is part of the key too
-        model_id = (self.accelerator.unwrap_model(reference).config._name_or_path, hash_module(reference))
         train = self.train_dataset
-        fingerprint = Hasher.hash((train._fingerprint, model_id, self._value_settings(), "alol-train"))
+        fingerprint = "not cached"  # in memory: `cached_columns` keeps nothing, so the weights need no hashing
+        if train.cache_files:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            # ZeRO-3 has already sharded the weights the hash reads, so the checkpoint's name is part of the key too
+            model_id = (self.accelerator.unwrap_model(reference).config._name_or_path, hash_module(reference))
+            fingerprint = Hasher.hash((train._fingerprint, model_id, self._value_settings(), "alol-train"))
         train = self.cached_columns(
             train,
             fingerprint,
