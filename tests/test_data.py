@@ -50,6 +50,12 @@ def test_reward_funcs_make_the_reward_column_optional():
         to_rewarded_dataset(dataset)
 
 
+def test_labels_are_left_to_the_reward_funcs():
+    dataset = Dataset.from_dict({"prompt": ["a", "b"], "completion": ["x", "y"], "label": [True, False]})
+    rows = to_rewarded_dataset(dataset, requires_reward=False)
+    assert "reward" not in rows.column_names and rows["label"] == [True, False]
+
+
 @pytest.mark.parametrize(
     "rows,error,message",
     [

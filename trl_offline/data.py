@@ -110,7 +110,8 @@ def to_rewarded_dataset(
       thumbs up and 0.0 for a thumbs down.
     - `chosen`, `rejected` (and `prompt`, or a prompt implicit in both): unpaired as `KTOTrainer` does, each chosen
       response labelled True and each rejected one False, then as above.
-    With `requires_reward=False` (rewards come from `reward_funcs` instead), rows need neither `reward` nor `label`.
+    With `requires_reward=False` (rewards come from `reward_funcs` instead), rows need neither `reward` nor `label`,
+    and a `label` column is kept as it is, not turned into rewards.
     A dataset with both `reward` and `label` uses `reward`.
 
     Raises `ValueError`/`TypeError` naming the column and row for a missing or mixed column, a value of the wrong
@@ -152,7 +153,7 @@ def to_rewarded_dataset(
             if dataset.features["reward"].dtype == "float64"
             else dataset.cast_column("reward", Value("float64"))
         )
-    if "label" in columns:
+    if "label" in columns and requires_reward:
         for row, values in _iter_rows(dataset, ["label"]):
             if not isinstance(values["label"], bool):
                 raise TypeError(f"Row {row} of column 'label' must be a bool, got {type(values['label']).__name__}.")

@@ -225,9 +225,8 @@ class OfflineRLTrainer(BaseTrainer):
                     f"The {name} dataset has a 'reward' column and `reward_funcs` were given: pass one source of "
                     "rewards (drop the column or the functions)."
                 )
+            # A `label` column stays as it is: the reward functions decide the rewards
             dataset = to_rewarded_dataset(dataset, requires_reward=False, name=name, num_proc=num_proc)
-            if "reward" in dataset.column_names:  # made from `label`: the reward functions decide instead
-                dataset = dataset.remove_columns("reward")
             dataset = add_reward_column(
                 dataset,
                 self.reward_funcs,

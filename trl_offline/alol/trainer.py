@@ -229,18 +229,21 @@ class ALoLTrainer(OfflineRLTrainer):
             "advantage": [reward - value for reward, value in zip(dataset["reward"], values)],
         }
 
-    def _prompt_features(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
-        """The reference's last hidden states over each prompt, `(T_i, H)` tensors on the CPU (the value head
-        computes in float32 whatever their dtype)."""
+    def _prompt_hidden_states(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's last hidden states `(B, T, H)` over right-padded prompts, and their attention mask."""
         input_ids, attention_mask = self._pad_prompts(prompt_ids, "right")
         with self.reference_model() as model:
             hidden = self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, attention_mask
+
+    def _prompt_features(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Each prompt's `(T_i, H)` hidden states on the CPU (the value head computes in float32 whatever their
+        dtype)."""
+        hidden, _ = self._prompt_hidden_states(prompt_ids)
         return [h[: len(p)].cpu() for h, p in zip(hidden, prompt_ids)]  # (T_i, H) each, in the model's dtype
 
     def _values(self, prompt_ids: list[list[int]]) -> list[float]:
-        input_ids, attention_mask = self._pad_prompts(prompt_ids, "right")
-        with self.reference_model() as model:
-            hidden = self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden, attention_mask = self._prompt_hidden_states(prompt_ids)
         with torch.no_grad():
             return self.value_head.to(hidden.device)(hidden, attention_mask).cpu().tolist()  # (B,)
 
