@@ -13,7 +13,8 @@ from ._trl_compat import pad
 class DataCollatorForRewardedCompletions(DataCollatorMixin):
     """Right-pads tokenized `prompt_ids` + `completion_ids` rows into `input_ids`, `attention_mask` and
     `completion_mask` (1 on completion tokens), like TRL's `DataCollatorForUnpairedPreference`, and stacks the
-    per-row floats that are present (`reward`, `value`, `advantage`).
+    per-row floats that are present (`reward`, `value`, `advantage`, and `ref_logp`, a sequence's reference
+    log-probability).
 
     Per-token reference log-probabilities (`ref_logps`, one per completion token) are placed where the fused LM head
     puts the policy's: `(B, T - 1)`, position `t` scoring token `t + 1`, zero elsewhere.
@@ -38,7 +39,7 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
                 start = len(example["prompt_ids"]) - 1  # the last prompt token predicts the first completion token
                 ref_logps[row, start : start + len(example["ref_logps"])] = torch.tensor(example["ref_logps"])
             output["ref_logps"] = ref_logps
-        for key in ("reward", "value", "advantage"):
+        for key in ("reward", "value", "advantage", "ref_logp"):
             if key in examples[0]:
                 output[key] = torch.tensor([float(e[key]) for e in examples])  # (B,)
         return output

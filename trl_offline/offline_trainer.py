@@ -4,6 +4,7 @@ their tokenization and collation, and reference passes over a whole dataset befo
 DeepSpeed ZeRO-3."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from datasets import Dataset, concatenate_datasets
+from datasets.fingerprint import Hasher
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging
 from trl import is_conversational
@@ -25,12 +27,14 @@ from ._trl_compat import (
     create_model_from_path,
     disable_dropout_in_model,
     disable_gradient_checkpointing,
+    hash_module,
     tokenize,
     use_adapter,
 )
 from .collator import DataCollatorForRewardedCompletions
 from .data import to_rewarded_dataset
 from .model_card import model_card_name, write_model_card
+from .offline_config import OfflineRLConfig
 from .rewards import add_reward_column, load_reward_funcs
 
 
@@ -164,7 +168,18 @@ class OfflineRLTrainer(BaseTrainer):
             return args
         dict_args = args.to_dict()
         dict_args["hub_token"] = args.hub_token  # to_dict hides it
-        return self._config_class(**dict_args)
+        # Another trainer's config (e.g. a `KTOConfig`): its training fields and the fields every offline trainer
+        # shares carry over; its method's fields do not, since a name may mean something else here (KTO's `beta` is
+        # not DRO's)
+        known = {f.name for f in dataclasses.fields(OfflineRLConfig) if f.init}
+        dropped = sorted(k for k in dict_args if k not in known)
+        if dropped:
+            logger.warning(
+                f"`args` is a {type(args).__name__}, not a {self._config_class.__name__}: its fields {dropped} are "
+                f"ignored, and the {self._name} fields take their defaults. Pass a {self._config_class.__name__} to "
+                "set them."
+            )
+        return self._config_class(**{k: v for k, v in dict_args.items() if k in known})
 
     @staticmethod
     def _named(datasets) -> dict:
@@ -183,11 +198,16 @@ class OfflineRLTrainer(BaseTrainer):
             if args.model_init_kwargs is not None:
                 logger.warning("`model_init_kwargs` are ignored: the model is already instantiated.")
             return model
+        return create_model_from_path(model, **self.model_init_kwargs(args))
+
+    @staticmethod
+    def model_init_kwargs(args) -> dict:
+        """`from_pretrained` keyword arguments of the models the trainer loads from a path."""
         model_init_kwargs = dict(args.model_init_kwargs or {})
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             model_init_kwargs["device_map"] = None  # "auto" fails under distributed training
         model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        return create_model_from_path(model, **model_init_kwargs)
+        return model_init_kwargs
 
     def _maybe_wrap_peft(self, model, peft_config, args):
         if peft_config is None:
@@ -273,7 +293,9 @@ class OfflineRLTrainer(BaseTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "reward", "ref_logps", "value", "advantage"]
+            self._signature_columns = [
+                "prompt_ids", "completion_ids", "reward", "ref_logps", "ref_logp", "value", "advantage"
+            ]  # fmt: skip
 
     # -- reference passes before training ----------------------------------------------------------------------------
 
@@ -289,7 +311,7 @@ class OfflineRLTrainer(BaseTrainer):
             )
         if self.ref_model is not None:
             model = self.ref_model
-        elif self.is_deepspeed_enabled:
+        elif self.is_deepspeed_enabled and self.deepspeed is None:  # not yet training: no engine holds the model
             if self._reference_engine is None:
                 self._reference_engine = prepare_deepspeed(self.model, self.accelerator)
             model = self._reference_engine
@@ -310,6 +332,17 @@ class OfflineRLTrainer(BaseTrainer):
                 yield model
         finally:
             model.train(was_training)
+
+    def reference_cache_key(self, dataset: Dataset, *settings) -> str:
+        """The fingerprint under which `cached_columns` keeps reference passes over `dataset`: the data, the reference's
+        checkpoint name and weights, and `settings`. In-memory datasets are never cached, so their weights are not
+        hashed (hashing reads every weight)."""
+        if not dataset.cache_files:
+            return "not cached"
+        reference = self.ref_model if self.ref_model is not None else self.model
+        # ZeRO-3 has already sharded the weights the hash reads, so the checkpoint's name is part of the key too
+        model_id = (self.accelerator.unwrap_model(reference).config._name_or_path, hash_module(reference))
+        return Hasher.hash((dataset._fingerprint, model_id, *settings))
 
     def release_reference_engine(self) -> None:
         """Takes down the DeepSpeed inference engine of the reference passes, once they are done: its hooks would

@@ -33,6 +33,8 @@ def test_loss_and_gradients_match_hand_computed_values(rescale_policy_grad):
     assert rewards.grad is None or torch.count_nonzero(rewards.grad) == 0
     torch.testing.assert_close(metrics["residual"], rho)
     torch.testing.assert_close(metrics["log_ratio"], torch.tensor([1.0, -1.0], dtype=torch.float64))
+    # -(r - V) * log-ratio + beta/2 * log-ratio^2: -(0.8)(1) + 0.25 = -0.55 and -(-1.5)(-1) + 0.25 = -1.25
+    torch.testing.assert_close(metrics["policy_loss"], torch.tensor([-0.55, -1.25], dtype=torch.float64))
 
 
 def test_gradients_match_the_papers_two_partial_objectives():
@@ -76,3 +78,14 @@ def test_non_positive_beta_is_refused(beta):
     logps, ref_logps, values, rewards = _inputs()
     with pytest.raises(ValueError, match="beta"):
         dro_loss(logps, ref_logps, values, rewards, beta=beta)
+
+
+def test_policy_loss_is_the_policy_dependent_part_of_the_objective():
+    # 1/2 rho^2 = 1/2 (r - V)^2 + beta * policy_loss, and d policy_loss / d logps = -rho
+    logps, ref_logps, values, rewards = _inputs()
+    loss, metrics = dro_loss(logps, ref_logps, values, rewards, beta=BETA)
+    torch.testing.assert_close(loss.detach(), 0.5 * (rewards - values).detach() ** 2 + BETA * metrics["policy_loss"])
+    policy = torch.tensor([-3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    log_ratio = policy - ref_logps.detach()
+    (-(rewards - values).detach() * log_ratio + 0.5 * BETA * log_ratio**2).sum().backward()
+    torch.testing.assert_close(policy.grad, -metrics["residual"])

@@ -7,7 +7,7 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 from transformers.utils import logging
 
-from .._trl_compat import hash_module, pad
+from .._trl_compat import pad
 from ..losses import alol_loss
 from ..offline_trainer import OfflineRLTrainer
 from ..rewards import compute_rewards
@@ -95,15 +95,9 @@ class ALoLTrainer(OfflineRLTrainer):
         )
         self.value_head: AttentionPoolingValueHead | None = None
         train = self.train_dataset
-        fingerprint = "not cached"  # in memory: `cached_columns` keeps nothing, so the weights need no hashing
-        if train.cache_files:
-            reference = self.ref_model if self.ref_model is not None else self.model
-            # ZeRO-3 has already sharded the weights the hash reads, so the checkpoint's name is part of the key too
-            model_id = (self.accelerator.unwrap_model(reference).config._name_or_path, hash_module(reference))
-            fingerprint = Hasher.hash((train._fingerprint, model_id, self._value_settings(), "alol-train"))
         train = self.cached_columns(
             train,
-            fingerprint,
+            self.reference_cache_key(train, self._value_settings(), "alol-train"),
             lambda: self._fit_value_and_score(train),
             save_state=lambda path: torch.save(self.value_head.state_dict(), path),
             load_state=self._load_value_head,

@@ -38,7 +38,10 @@ def dro_loss(
     Returns:
         `loss` (`torch.Tensor` of shape `(B,)`), whose value is `1/2 * rho^2`; the caller averages it over the batch.
         Its gradient w.r.t. `values` is `-rho`, w.r.t. `logps` `-rho` (or `-beta * rho` without rescaling), and none
-        reaches `ref_logps` or `rewards`. `metrics`: detached `(B,)` tensors `residual` (`rho`) and `log_ratio`.
+        reaches `ref_logps` or `rewards`. `metrics`: detached `(B,)` tensors `residual` (`rho`), `log_ratio`, and
+        `policy_loss`, the policy's own objective `-(r - V) * log_ratio + beta / 2 * log_ratio^2` (Eq. 8 divided by
+        `beta`): the part of `L / beta` that depends on the policy, 0 at `pi == pi_ref`, whose gradient w.r.t. `logps`
+        is `-rho`.
     """
     if beta <= 0:
         raise ValueError(f"`beta` must be > 0, got {beta}.")
@@ -52,4 +55,7 @@ def dro_loss(
     policy_scale = 1.0 if rescale_policy_grad else beta
     policy_term = -policy_scale * value_residual.detach() * logps  # (B,)
     loss = loss + policy_term - policy_term.detach()
-    return loss, {"residual": value_residual.detach(), "log_ratio": log_ratio.detach()}
+    log_ratio = log_ratio.detach()
+    # 1/2 rho^2 = 1/2 (r - V)^2 + beta * policy_loss: what the policy can still lower
+    policy_loss = -(rewards - values.detach()) * log_ratio + 0.5 * beta * log_ratio.square()  # (B,)
+    return loss, {"residual": value_residual.detach(), "log_ratio": log_ratio, "policy_loss": policy_loss}

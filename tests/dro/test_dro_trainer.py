@@ -1,0 +1,418 @@
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, TrainingArguments
+from trl import KTOConfig
+
+from trl_offline import DROConfig, DROTrainer
+from trl_offline.offline_kit import make_scored_dataset
+from trl_offline.value import PromptEndValueHead, PromptValueModel
+
+
+def _config(tmp_path, **overrides) -> DROConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-2,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return DROConfig(**kwargs)
+
+
+def _first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def _labelled(num_rows=16, dataset_format="prompt_completion", seed=0):
+    return make_scored_dataset(dataset_format, num_rows, seed=seed, score="label")
+
+
+def naive_sequence_logps(model, batch) -> torch.Tensor:
+    """`log pi(y|x)` `(B,)` from the full logits of a plain forward; differentiable."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logps = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def naive_values(value_model: PromptValueModel, batch) -> torch.Tensor:
+    """`V(x)` `(B,)` from a forward of each prompt alone through the value body; differentiable."""
+    values = []
+    for ids, completion in zip(batch["input_ids"], batch["completion_mask"]):
+        prompt = ids[: int(completion.argmax())].unsqueeze(0)  # the prefix before the completion
+        hidden = value_model.body(input_ids=prompt).last_hidden_state[0, -1]  # (H,)
+        values.append(value_model.head(hidden).squeeze(-1))
+    return torch.stack(values)
+
+
+def _parameters(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value_network", ["separate", "policy_head"])
+def test_training_changes_policy_and_value_but_never_the_reference(tmp_path, tiny_model_path, value_network):
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    reference = _parameters(ref_model)
+    trainer = DROTrainer(
+        tiny_model_path,
+        ref_model=ref_model,
+        args=_config(tmp_path, value_network=value_network),
+        train_dataset=_labelled(),
+    )
+    value = trainer.value_model
+    assert isinstance(value, PromptValueModel if value_network == "separate" else PromptEndValueHead)
+    policy_before = {n: p for n, p in _parameters(trainer.model).items() if not n.startswith("dro_value.")}
+    value_before = _parameters(value)
+    trainer.train()
+
+    policy_after = {n: p for n, p in trainer.model.named_parameters() if not n.startswith("dro_value.")}
+    unchanged = [n for n, p in policy_after.items() if torch.equal(p, policy_before[n])]
+    assert not unchanged, unchanged
+    value_unchanged = [n for n, p in value.named_parameters() if torch.equal(p, value_before[n])]
+    assert not value_unchanged, value_unchanged
+    for name, param in ref_model.named_parameters():
+        assert torch.equal(param, reference[name]), name
+
+    logged = [log for log in trainer.state.log_history if "loss/value" in log]
+    assert len(logged) == 3
+    for key in ("loss/policy", "residual/mean", "residual/abs", "log_ratio/mean", "value/mean", "reward/mean"):
+        assert key in logged[0], key
+    # Step 1 starts at the reference with a zero value head: log-ratio 0, V = 0, rho = r, policy loss 0
+    assert logged[0]["log_ratio/mean"] == pytest.approx(0.0, abs=1e-5)
+    assert logged[0]["value/mean"] == 0.0 and logged[0]["loss/policy"] == pytest.approx(0.0, abs=1e-5)
+    assert logged[0]["residual/mean"] == pytest.approx(logged[0]["reward/mean"], abs=1e-5)
+
+
+def test_rewards_are_standardised_over_the_training_set(tmp_path, tiny_model_path):
+    dataset = _labelled(16)
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset)
+    rewards = torch.tensor(trainer.train_dataset["reward"], dtype=torch.float64)
+    labels = torch.tensor(dataset["label"], dtype=torch.float64)  # True -> 1.0, False -> 0.0, then standardised
+    torch.testing.assert_close(rewards, (labels - labels.mean()) / labels.std(unbiased=False))
+    assert trainer.precompute_metrics["reward/raw_mean"] == pytest.approx(labels.mean().item())
+
+    raw = DROTrainer(tiny_model_path, args=_config(tmp_path, normalize_rewards=False), train_dataset=dataset)
+    assert raw.train_dataset["reward"] == [float(label) for label in dataset["label"]]
+
+
+def test_eval_rewards_are_standardised_with_the_training_statistics(tmp_path, tiny_model_path):
+    train, evaluation = _labelled(16), _labelled(8, seed=5)
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=train, eval_dataset=evaluation)
+    labels = torch.tensor(train["label"], dtype=torch.float64)
+    expected = [
+        (float(label) - labels.mean().item()) / labels.std(unbiased=False).item() for label in evaluation["label"]
+    ]
+    assert trainer.eval_dataset["reward"] == pytest.approx(expected)
+
+
+def test_loss_at_initialisation_is_half_the_mean_squared_reward(tmp_path, tiny_model_path):
+    # pi == pi_ref and V == 0 (zero head): rho = r, and the precomputed ref_logp is the policy's own log-probability
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled())
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        torch.testing.assert_close(batch["ref_logp"], naive_sequence_logps(trainer.model, batch), rtol=0, atol=1e-4)
+        loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(0.5 * batch["reward"].square().mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rescale_policy_grad", [True, False])
+def test_gradients_match_the_papers_two_objectives_after_training_moved_both(
+    tmp_path, tiny_model_path, rescale_policy_grad
+):
+    # Two steps move the policy off the reference and the value head off zero; then every gradient of one batch must
+    # be the value's gradient of 1/2 rho^2 (policy frozen) and the policy's (V frozen, divided by beta if rescaled),
+    # from a naive computation with full logits and a forward of each prompt alone
+    beta = 0.5
+    trainer = DROTrainer(
+        tiny_model_path,
+        args=_config(tmp_path, beta=beta, rescale_policy_grad=rescale_policy_grad, max_steps=2),
+        train_dataset=_labelled(),
+    )
+    trainer.train()
+    model, value = trainer.model, trainer.value_model
+    batch = _first_batch(trainer)
+    model.zero_grad()
+    trainer.compute_loss(model, batch).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    logps, values = naive_sequence_logps(model, batch), naive_values(value, batch)
+    log_ratio, rewards = logps - batch["ref_logp"], batch["reward"]
+    value_objective = 0.5 * (rewards - values - beta * log_ratio.detach()) ** 2
+    policy_objective = 0.5 * (rewards - values.detach() - beta * log_ratio) ** 2 / (beta if rescale_policy_grad else 1)
+    (value_objective.mean() + policy_objective.mean()).backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    assert got.keys() == expected.keys()
+    assert any(n.startswith("dro_value.body.") and expected[n].abs().sum() > 0 for n in expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_live_reference_gives_the_precomputed_loss(tmp_path, tiny_model_path):
+    # Plain SGD: AdamW would blow the last-bit differences of batched reference passes up to visible ones
+    dataset, common = _labelled(), dict(optim="sgd", learning_rate=0.1)
+    precomputed = DROTrainer(tiny_model_path, args=_config(tmp_path / "a", **common), train_dataset=dataset)
+    live = DROTrainer(
+        tiny_model_path, args=_config(tmp_path / "b", precompute_ref_log_probs=False, **common), train_dataset=dataset
+    )
+    assert live.ref_model is not None and "ref_logp" not in live.train_dataset.column_names
+    precomputed.train()
+    live.train()
+    precomputed_losses = [log["loss"] for log in precomputed.state.log_history if "loss" in log]
+    live_losses = [log["loss"] for log in live.state.log_history if "loss" in log]
+    assert len(live_losses) == 3
+    assert live_losses == pytest.approx(precomputed_losses, rel=1e-4)
+
+
+def test_gradient_accumulation_gives_the_update_of_the_larger_batch(tmp_path, tiny_model_path):
+    # The loss is a mean over sequences; with plain SGD two accumulated half batches move policy and value as one
+    dataset = _labelled()
+    common = dict(max_steps=2, optim="sgd", learning_rate=0.1)
+    one_batch = DROTrainer(
+        tiny_model_path, args=_config(tmp_path / "a", per_device_train_batch_size=4, **common), train_dataset=dataset
+    )
+    accumulated = DROTrainer(
+        tiny_model_path,
+        args=_config(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common),
+        train_dataset=dataset,
+    )
+    one_batch.train()
+    accumulated.train()
+    for (name, p), q in zip(one_batch.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_value_network_has_its_own_learning_rate_in_the_optimizer(tmp_path, tiny_model_path):
+    trainer = DROTrainer(
+        tiny_model_path,
+        args=_config(tmp_path, learning_rate=1e-3, value_learning_rate=5e-2, weight_decay=0.1, max_steps=4),
+        train_dataset=_labelled(),
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    value_ids = {id(p) for p in trainer.value_model.parameters()}
+    groups = trainer.optimizer.param_groups
+    value_groups = [g for g in groups if any(id(p) in value_ids for p in g["params"])]
+    assert value_groups and all(g["lr"] == 5e-2 or g.get("initial_lr") == 5e-2 for g in value_groups)
+    assert all(id(p) in value_ids for g in value_groups for p in g["params"])
+    assert {g["weight_decay"] for g in value_groups} == {0.0, 0.1}  # biases and weights, as for the policy
+    assert sum(len(g["params"]) for g in value_groups) == len(value_ids)
+    policy_groups = [g for g in groups if all(g is not v for v in value_groups)]
+    assert {g.get("initial_lr", g["lr"]) for g in policy_groups} == {1e-3}
+    # The scheduler scales every group: the value's learning rate follows the same schedule
+    trainer.lr_scheduler.step()
+    trainer.lr_scheduler.step()
+    ratios = {round(g["lr"] / g["initial_lr"], 6) for g in groups}
+    assert len(ratios) == 1
+
+
+# -- data ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset_format", ["prompt_completion", "conversational_prompt_completion"])
+def test_a_kto_dataset_and_config_run_unchanged(tmp_path, tiny_model_path, dataset_format, caplog):
+    # What a KTOTrainer user has: prompt / completion / label rows and a KTOConfig. The config's training fields carry
+    # over; KTO's own fields (its beta means something else) are named and dropped
+    kto_args = KTOConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2, per_device_train_batch_size=4, beta=0.3
+    )
+    trainer = DROTrainer(tiny_model_path, args=kto_args, train_dataset=_labelled(dataset_format=dataset_format))
+    assert isinstance(trainer.args, DROConfig) and trainer.args.max_steps == 2
+    assert trainer.args.beta == 1.0 and trainer.args.precompute_ref_log_probs  # DRO's defaults, not KTO's
+    assert "'beta'" in caplog.text and "'desirable_weight'" in caplog.text
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_preference_rows_are_unpaired(tmp_path, tiny_model_path):
+    rows = [{"prompt": "ba=", "chosen": "ab", "rejected": "ba"}, {"prompt": "dc=", "chosen": "cd", "rejected": "dc"}]
+    trainer = DROTrainer(
+        tiny_model_path, args=_config(tmp_path, normalize_rewards=False), train_dataset=Dataset.from_list(rows)
+    )
+    assert sorted(trainer.train_dataset["reward"]) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_plain_training_arguments_are_converted(tmp_path, tiny_model_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1)
+    trainer = DROTrainer(tiny_model_path, args=args, train_dataset=_labelled())
+    assert isinstance(trainer.args, DROConfig) and trainer.args.max_steps == 1
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        ([{"prompt": "ab=", "label": True}], r"missing \['completion'\]"),
+        ([{"prompt": "ab=", "completion": "ab"}], "no 'reward' or 'label' column"),
+        (
+            [
+                {"prompt": "ab=", "completion": "ab", "reward": 1.0},
+                {"prompt": "ba=", "completion": "ab", "reward": None},
+            ],
+            "Row 1 of column 'reward'",
+        ),
+        (
+            [
+                {"prompt": "ab=", "completion": "ab", "reward": 1.0},
+                {"prompt": "b=", "completion": "b", "reward": float("nan")},
+            ],
+            r"Row 1 of column 'reward' is not finite \(nan\)",
+        ),
+        (
+            [
+                {"prompt": "ab=", "completion": "ab", "label": True},
+                {"prompt": "ba=", "completion": "", "label": False},
+            ],
+            "Row 1 of column 'completion' is an empty string",
+        ),
+        (
+            [
+                {"prompt": "ab=", "completion": "ab", "label": True},
+                {"prompt": "abcdefg=", "completion": "a", "label": False},
+            ],
+            r"Rows \[1\] of the train dataset .*max_length=6",
+        ),
+    ],
+)
+def test_bad_datasets_are_refused(tmp_path, tiny_model_path, rows, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        DROTrainer(tiny_model_path, args=_config(tmp_path, max_length=6), train_dataset=Dataset.from_list(rows))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"beta": 0.0}, "`beta` must be > 0"),
+        ({"beta": -1.0}, "`beta` must be > 0"),
+        ({"value_network": "shared"}, "`value_network` must be one of"),
+        ({"value_learning_rate": 0.0}, "`value_learning_rate` must be > 0"),
+    ],
+)
+def test_bad_config_values_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **overrides)
+
+
+def test_constant_rewards_are_warned_about(tmp_path, tiny_model_path, caplog):
+    rows = [{"prompt": "ab=", "completion": "ab", "label": True}, {"prompt": "ba=", "completion": "ab", "label": True}]
+    DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=Dataset.from_list(rows))
+    assert "Every training reward equals 1" in caplog.text
+
+
+# -- PEFT -------------------------------------------------------------------------------------------------------------
+
+
+def test_peft_trains_the_adapters_and_the_value_network_only(tmp_path, tiny_model_path):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled(), peft_config=peft_config)
+    # The reference is the base model with the adapters disabled
+    batch = _first_batch(trainer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        torch.testing.assert_close(batch["ref_logp"], naive_sequence_logps(base, batch), rtol=0, atol=1e-4)
+    # The value network is a separate copy of the base, without adapters
+    assert not any("lora_" in name for name, _ in trainer.value_model.named_parameters())
+
+    before = _parameters(trainer.model)
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or ".dro_value." in name for name in trainable)
+    assert changed <= trainable
+    assert any("lora_B" in name for name in changed) and any(".dro_value.body." in name for name in changed)
+
+
+def test_peft_live_reference_stays_the_base_model_while_the_adapters_train(tmp_path, tiny_model_path):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = DROTrainer(
+        tiny_model_path,
+        args=_config(tmp_path, precompute_ref_log_probs=False),
+        train_dataset=_labelled(),
+        peft_config=peft_config,
+    )
+    assert trainer.ref_model is None  # no copy of the model: the base with adapters disabled is the reference
+    trainer.train()
+    batch = _first_batch(trainer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad(), trainer._live_reference(trainer.model) as reference:
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        outputs = reference(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
+        )
+        live = trainer._sequence_logps(outputs, batch["completion_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(live, naive_sequence_logps(base, batch), rtol=0, atol=1e-4)
+        assert not torch.allclose(naive_sequence_logps(trainer.model, batch), live, atol=1e-3)  # adapters moved
+
+
+# -- saving and resuming ----------------------------------------------------------------------------------------------
+
+
+def test_save_model_writes_the_policy_the_value_network_and_a_model_card(tmp_path, tiny_model_path):
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path / "out"), train_dataset=_labelled())
+    trainer.train()
+    saved = tmp_path / "saved"
+    trainer.save_model(str(saved))
+
+    # The policy is a plain causal LM, without the value's weights
+    loaded = AutoModelForCausalLM.from_pretrained(str(saved))
+    trained = dict(trainer.model.named_parameters())
+    assert set(dict(loaded.named_parameters())) == {n for n in trained if not n.startswith("dro_value.")}
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, trained[name]), name
+    # The value network, from its subfolder, gives the trained values
+    value = PromptValueModel.from_pretrained(str(saved / "value"))
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        torch.testing.assert_close(naive_values(value, batch), naive_values(trainer.value_model, batch))
+    assert (saved / "value" / "value_head.safetensors").is_file()
+    card = (saved / "README.md").read_text()
+    assert "DRO" in card and "2405.19107" in card and "richemond2024offline" in card
+
+
+@pytest.mark.parametrize("value_network", ["separate", "policy_head"])
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tiny_model_path, value_network):
+    # Four steps in one go, and two steps then a resume from the checkpoint for two more, end with the same policy
+    # and value network: the checkpoint restores both, with their optimizer state (AdamW moments matter here)
+    dataset = _labelled(32)
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, value_network=value_network)
+    straight = DROTrainer(tiny_model_path, args=_config(tmp_path / "a", **common), train_dataset=dataset)
+    straight.train()
+
+    resumed = DROTrainer(tiny_model_path, args=_config(tmp_path / "b", **common), train_dataset=dataset)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "value" / "value_head.safetensors").is_file()
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+    # ... and the last checkpoint's value network, read back, is the trained one
+    value = resumed.value_model
+    value.load_weights(str(tmp_path / "a" / "checkpoint-4" / "value"))
+    for (name, p), q in zip(value.named_parameters(), straight.value_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_evaluation_logs_the_metrics(tmp_path, tiny_model_path):
+    trainer = DROTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=_labelled(), eval_dataset=_labelled(8, seed=3)
+    )
+    metrics = trainer.evaluate()
+    batch = trainer.data_collator(list(trainer.eval_dataset))
+    assert metrics["eval_loss"] == pytest.approx(0.5 * batch["reward"].square().mean().item(), rel=1e-5)
+    for key in ("loss/policy", "loss/value", "residual/mean", "value/mean", "reward/mean"):
+        assert f"eval_{key}" in metrics, key
+    passed = DROTrainer(tiny_model_path, args=_config(tmp_path / "b"), train_dataset=_labelled())
+    assert passed.evaluate(_labelled(8, seed=3))["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)

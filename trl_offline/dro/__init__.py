@@ -1,0 +1,5 @@
+from .config import DROConfig
+from .trainer import DROTrainer
+
+
+__all__ = ["DROConfig", "DROTrainer"]

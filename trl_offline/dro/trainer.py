@@ -1,0 +1,313 @@
+import contextlib
+import copy
+import os
+import textwrap
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import AutoModel
+from transformers.utils import logging
+from trl import create_reference_model
+
+from .._trl_compat import create_model_from_path, disable_dropout_in_model, use_adapter
+from ..losses import dro_loss
+from ..offline_trainer import OfflineRLTrainer
+from ..value import PromptEndValueHead, PromptValueModel
+from .config import DROConfig
+from .joint_model import VALUE_ATTR, attach_value_model, value_state_dict
+
+
+logger = logging.get_logger(__name__)
+
+VALUE_DIR = "value"  # the value network's subfolder in saved models and checkpoints
+
+
+class DROTrainer(OfflineRLTrainer):
+    """
+    Trainer for Direct Reward Optimisation (DRO, Richemond et al. 2024, arXiv 2405.19107), a drop-in for
+    [`~trl.KTOTrainer`] on data with one score per response: a thumbs up or down, or a float reward.
+
+    The policy and a value network `V(x)` are trained together, in the same step, on
+    `1/2 (r - V(x) - beta * log(pi(y|x) / pi_ref(y|x)))^2` ([`~trl_offline.dro_loss`], averaged over sequences). The
+    value network rides on the model as its submodule `dro_value` (see `trl_offline.dro.joint_model`), so one
+    `accelerate`/DeepSpeed engine holds both; [`DROTrainer.value_model`] returns it. `save_model` writes the policy as
+    a plain causal LM (or adapter) and the value network in a `value/` subfolder; checkpoints resume both, with their
+    optimizer state.
+
+    Before training, once: rows get a reward (a `reward` column, KTO `label`s as 1.0/0.0, unpaired
+    `chosen`/`rejected` rows, or `reward_funcs`), standardised over the training set with `normalize_rewards`, and,
+    with `precompute_ref_log_probs`, the reference's log-probability of each completion.
+
+    Args:
+        model: Model to train, as a path or hub id, a [`~transformers.PreTrainedModel`] or a PEFT model.
+        ref_model: Frozen reference. By default the model as it is before training (with `peft_config`, the base
+            model with the adapters disabled), so no second copy is loaded while the log-probabilities are
+            precomputed.
+        args ([`DROConfig`], *optional*): Configuration.
+        train_dataset ([`~datasets.Dataset`]): KTO data (`prompt` + `completion` + `label`), `prompt` + `completion`
+            + `reward` rows, `chosen`/`rejected` rows (unpaired), or rows without a score and `reward_funcs`; standard
+            or conversational.
+        reward_funcs: Reward functions with GRPO's signature, sequence-classification models or paths to them, or a
+            list of them (weighted by `args.reward_weights`), scoring every row once before training.
+        Everything else: as in [`~trl.KTOTrainer`].
+    """
+
+    _tag_names = ["trl", "trl-offline", "dro"]
+    _name = "DRO"
+    _config_class = DROConfig
+    _paper = {
+        "title": "Offline Regularised Reinforcement Learning for Large Language Models Alignment",
+        "id": "2405.19107",
+        "citation": textwrap.dedent("""\
+            @article{richemond2024offline,
+                title        = {{Offline Regularised Reinforcement Learning for Large Language Models Alignment}},
+                author       = {Pierre Harvey Richemond and Yunhao Tang and Daniel Guo and Daniele Calandriello and Mohammad Gheshlaghi Azar and Rafael Rafailov and Bernardo Avila Pires and Eugene Tarassov and Lucas Spangher and Will Ellsworth and Aliaksei Severyn and Jonathan Mallinson and Lior Shani and Gil Shamir and Rishabh Joshi and Tianqi Liu and R{\\'e}mi Munos and Bilal Piot},
+                year         = 2024,
+                journal      = {arXiv preprint arXiv:2405.19107}
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DROConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        reward_funcs=None,
+        reward_processing_classes=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        args = self._as_config(model, args)
+        if (
+            not args.precompute_ref_log_probs
+            and ref_model is None
+            and peft_config is None
+            and (isinstance(model, str) or not is_peft_model(model))
+        ):
+            # Live reference passes need the model as it was before training: keep a copy
+            ref_model = (
+                create_model_from_path(model, **self.model_init_kwargs(args))
+                if isinstance(model, str)
+                else create_reference_model(model)
+            )
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_funcs=reward_funcs,
+            reward_processing_classes=reward_processing_classes,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        if args.precompute_ref_log_probs:
+            self.train_dataset = self._with_reference_logps(self.train_dataset, "train")
+            self.eval_dataset = self._map_named(self.eval_dataset, self._with_reference_logps)
+            self.release_reference_engine()
+        self.reward_shift, self.reward_scale = 0.0, 1.0
+        if args.normalize_rewards:
+            self.reward_shift, self.reward_scale = self._reward_statistics(self.train_dataset)
+        self.train_dataset = self._normalized(self.train_dataset)
+        self.eval_dataset = self._map_named(self.eval_dataset, lambda dataset, name: self._normalized(dataset))
+
+        # After TRL's fused LM head patched the policy's forward, so that the value's patch wraps it
+        policy = self.accelerator.unwrap_model(self.model)
+        attach_value_model(policy.get_base_model() if is_peft_model(policy) else policy, self._new_value_model)
+        del self._new_value_model
+        if args.disable_dropout:
+            disable_dropout_in_model(self.value_model)
+        if not self.is_deepspeed_enabled:  # DeepSpeed places the whole model when it builds its engine
+            self.value_model.to(self.args.device)
+
+    # -- the value network -------------------------------------------------------------------------------------------
+
+    @property
+    def value_model(self) -> PromptEndValueHead:
+        """The value network `V(x)` trained with the policy."""
+        policy = self.accelerator.unwrap_model(self.model)
+        return getattr(policy.get_base_model() if is_peft_model(policy) else policy, VALUE_ATTR)
+
+    def _maybe_wrap_peft(self, model, peft_config, args):
+        # The value network's body is a copy of the model as loaded, taken before PEFT puts adapters into it
+        self._new_value_model = self._build_value_model(model, args)
+        return super()._maybe_wrap_peft(model, peft_config, args)
+
+    def _build_value_model(self, model, args) -> PromptEndValueHead:
+        hidden_size = model.config.get_text_config().hidden_size
+        if args.value_network == "policy_head":
+            return PromptEndValueHead(hidden_size)
+        if args.value_network == "adapter":
+            raise NotImplementedError(
+                "`value_network='adapter'` is not available yet; use 'separate' or 'policy_head'."
+            )
+        sharded = any(hasattr(parameter, "ds_id") for parameter in model.parameters())  # ZeRO-3 partitioned at load
+        if sharded or is_peft_model(model):
+            # The weights in memory are shards or carry adapters: load the checkpoint's body instead
+            source = (
+                model.peft_config[model.active_adapter].base_model_name_or_path
+                if is_peft_model(model)
+                else model.config._name_or_path
+            )
+            body = AutoModel.from_pretrained(source, **self.model_init_kwargs(args))
+        else:
+            body = copy.deepcopy(model.base_model)
+        return PromptValueModel(body)
+
+    # -- before training ---------------------------------------------------------------------------------------------
+
+    def _with_reference_logps(self, dataset: Dataset, name: str) -> Dataset:
+        """`dataset` with `ref_logp`, the reference's log-probability of each completion (a sum over its tokens)."""
+        batch_size = self.args.precompute_ref_batch_size or (
+            self.args.per_device_train_batch_size if name == "train" else self.args.per_device_eval_batch_size
+        )
+
+        def score(indices: list[int]) -> list[float]:
+            rows = dataset.select(indices)
+            examples = [
+                {"prompt_ids": p, "completion_ids": c} for p, c in zip(rows["prompt_ids"], rows["completion_ids"])
+            ]
+            with self.reference_model() as model:
+                return [sum(logps) for logps in self.reference_token_logps(model, self.data_collator(examples))]
+
+        return self.cached_columns(
+            dataset,
+            self.reference_cache_key(dataset, "dro-ref-logp"),
+            lambda: {"ref_logp": self.map_shards(range(len(dataset)), score, batch_size)},
+        )
+
+    def _reward_statistics(self, dataset: Dataset) -> tuple[float, float]:
+        rewards = torch.tensor(dataset["reward"], dtype=torch.float64)
+        mean, std = rewards.mean().item(), rewards.std(unbiased=False).item()
+        if std < 1e-12:
+            logger.warning(
+                f"Every training reward equals {mean:g}: standardised, they are all 0 and DRO learns only to stay at "
+                "the reference. Mix scores (e.g. thumbs up and down) or set `normalize_rewards=False`."
+            )
+            std = 1.0
+        self.precompute_metrics.update({"reward/raw_mean": mean, "reward/raw_std": std})
+        return mean, std
+
+    def _normalized(self, dataset: Dataset | None) -> Dataset | None:
+        if dataset is None or (self.reward_shift, self.reward_scale) == (0.0, 1.0):
+            return dataset
+        shift, scale = self.reward_shift, self.reward_scale
+        return dataset.map(lambda row: {"reward": (row["reward"] - shift) / scale}, desc="Standardising rewards")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # A dataset passed here is prepared like the ones given at construction
+        if isinstance(eval_dataset, Dataset) and "prompt_ids" not in eval_dataset.column_names:
+            eval_dataset = self._prepare_dataset(eval_dataset, self.args, "eval")
+            if self.args.precompute_ref_log_probs:
+                eval_dataset = self._with_reference_logps(eval_dataset, "eval")
+                self.release_reference_engine()
+            eval_dataset = self._normalized(eval_dataset)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    # -- optimisation ------------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """TRL's optimizer, with the value network's parameters moved to groups of their own at `value_learning_rate`
+        (the learning-rate scheduler and gradient clipping apply to them as to the policy's)."""
+        optimizer = super().create_optimizer(model)
+        if self.args.value_learning_rate is None or self.args.value_learning_rate == self.args.learning_rate:
+            return optimizer
+        value_parameters = {id(p) for p in self.value_model.parameters()}
+        value_groups = []
+        for group in optimizer.param_groups:
+            moved = [p for p in group["params"] if id(p) in value_parameters]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in value_parameters]
+                value_groups.append({**group, "params": moved, "lr": self.args.value_learning_rate})
+        optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+        for group in value_groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        input_ids, attention_mask, completion_mask = (
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+        )
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        forward_kwargs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False
+        )
+        prompt_mask = attention_mask * (1 - completion_mask)  # (B, T) 1 on prompt tokens
+        outputs = model(**forward_kwargs, value_prompt_mask=prompt_mask)
+        logps = self._sequence_logps(outputs, completion_mask)  # (B,)
+        if "ref_logp" in inputs:
+            ref_logps = inputs["ref_logp"]  # (B,)
+        else:
+            with torch.no_grad(), self._live_reference(model) as reference:
+                ref_logps = self._sequence_logps(reference(**forward_kwargs), completion_mask)  # (B,)
+        per_sequence, metrics = dro_loss(
+            logps.float(),
+            ref_logps.float(),
+            outputs["values"],
+            inputs["reward"].float(),
+            beta=self.args.beta,
+            rescale_policy_grad=self.args.rescale_policy_grad,
+        )  # (B,)
+        loss = per_sequence.mean()  # the batch mean over sequences; the Trainer divides by accumulation
+
+        rows = {
+            "rows": torch.ones_like(per_sequence),
+            "loss/policy": metrics["policy_loss"],
+            "loss/value": per_sequence.detach(),
+            "residual/mean": metrics["residual"],
+            "residual/abs": metrics["residual"].abs(),
+            "log_ratio/mean": metrics["log_ratio"],
+            "value/mean": outputs["values"].detach(),
+            "reward/mean": inputs["reward"],
+        }
+        self.log_row_metrics(mode, rows, dict.fromkeys([key for key in rows if key != "rows"], "rows"))
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _sequence_logps(outputs, completion_mask: torch.Tensor) -> torch.Tensor:
+        """`log pi(y|x)`, `(B,)`: the sum of the completion's token log-probabilities (a mean would change `beta`)."""
+        token_logps = outputs.log_probs[:, -(completion_mask.shape[1] - 1) :]  # (B, T - 1); PEFT may prepend tokens
+        return (token_logps * completion_mask[:, 1:]).sum(-1)  # (B,)
+
+    @contextlib.contextmanager
+    def _live_reference(self, model):
+        """The reference for per-batch log-probabilities: `ref_model`, or the training model (under its wrapper) with
+        its adapters disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with use_adapter(self.accelerator.unwrap_model(model), adapter_name=None):
+                yield model
+
+    # -- saving and resuming -----------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # Taken first: the policy's `save_pretrained` deletes the value's (ignored) keys from `state_dict`
+        value_state = value_state_dict(state_dict) if state_dict else None
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self.value_model.save_pretrained(os.path.join(output_dir, VALUE_DIR), state_dict=value_state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.value_model.load_weights(os.path.join(resume_from_checkpoint, VALUE_DIR))
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        if not self.is_deepspeed_enabled:  # DeepSpeed's checkpoint holds the value network with the policy
+            self.value_model.load_weights(os.path.join(self.state.best_model_checkpoint, VALUE_DIR))
