@@ -29,16 +29,12 @@ prompt_completion, conversational_prompt_completion) name the offline kit's tiny
 labels the reward function then replaces), so the recipe runs without a hub.
 """
 
-import importlib
-import os
 from dataclasses import dataclass, field
 
-from accelerate import PartialState
-from datasets import load_dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_offline import ALoLConfig, ALoLTrainer
-from trl_offline.offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
+from trl_offline.recipe_utils import load_model_and_dataset, load_reward_func, train_and_save
 
 
 @dataclass
@@ -52,54 +48,17 @@ class ALoLScriptArguments(ScriptArguments):
     )
 
 
-def load_reward_func(name: str):
-    """A dotted import path names a function; anything else is a model path or hub id, loaded by the trainer."""
-    module_name, _, attribute = name.rpartition(".")
-    if module_name and not os.path.exists(name):
-        try:
-            return getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError):
-            pass
-    return name
-
-
 def main(script_args: ALoLScriptArguments, training_args: ALoLConfig, model_args: ModelConfig):
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
-
-    model = model_args.model_name_or_path
-    if is_kit_name(model):
-        with PartialState().main_process_first():
-            model = resolve_kit_model(model, training_args.output_dir)
-    if is_kit_name(script_args.dataset_name):
-        dataset = load_kit_dataset(script_args.dataset_name)
-    else:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    reward_funcs = [load_reward_func(name) for name in script_args.reward_funcs or []] or None
-
+    model, dataset = load_model_and_dataset(script_args, training_args, model_args)
     trainer = ALoLTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        reward_funcs=reward_funcs,
+        reward_funcs=[load_reward_func(name) for name in script_args.reward_funcs or []] or None,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print("Training completed.")
-
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # Finish the trackers and destroy the process group, so no rank aborts at exit
-    trainer.end()
+    train_and_save(trainer, script_args, training_args)
 
 
 if __name__ == "__main__":

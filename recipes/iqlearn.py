@@ -25,35 +25,14 @@ and synthetic data (formats: language_modeling, prompt_completion, conversationa
 conversational_prompt_completion, conversational_multi_turn), so the recipe runs without a hub.
 """
 
-from accelerate import PartialState
-from datasets import load_dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from trl_offline import IQLearnConfig, IQLearnTrainer
-from trl_offline.offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
+from trl_offline.recipe_utils import load_model_and_dataset, train_and_save
 
 
 def main(script_args: ScriptArguments, training_args: IQLearnConfig, model_args: ModelConfig):
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
-
-    model = model_args.model_name_or_path
-    if is_kit_name(model):
-        with PartialState().main_process_first():
-            model = resolve_kit_model(model, training_args.output_dir)
-    if is_kit_name(script_args.dataset_name):
-        dataset = load_kit_dataset(script_args.dataset_name)
-    else:
-        dataset = load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-        )
-
+    model, dataset = load_model_and_dataset(script_args, training_args, model_args)
     trainer = IQLearnTrainer(
         model=model,
         args=training_args,
@@ -62,15 +41,7 @@ def main(script_args: ScriptArguments, training_args: IQLearnConfig, model_args:
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print("Training completed.")
-
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # Finish the trackers and destroy the process group, so no rank aborts at exit
-    trainer.end()
+    train_and_save(trainer, script_args, training_args)
 
 
 if __name__ == "__main__":

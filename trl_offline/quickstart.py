@@ -1,10 +1,10 @@
-"""The quickstart: IQLearn and A-LoL on a tiny model, offline, in well under a minute on a CPU.
+"""The quickstart: IQLearn, A-LoL and DRO on a tiny model, offline, in well under a minute on a CPU.
 
-    python -m trl_offline.quickstart                   # both
-    python -m trl_offline.quickstart --trainer alol    # one of them
+    python -m trl_offline.quickstart                   # all three
+    python -m trl_offline.quickstart --trainer dro     # one of them
 
 It builds a tiny Llama and a character tokenizer (no hub) and teaches it a toy task (sort the letters of the prompt)
-twice, from the same starting model:
+three times, from the same starting model:
 
 - IQLearn (`IQLearnTrainer`) imitates the expert's answers; it reports the mean reward of greedy answers to held-out
   prompts before and after training, and how well the reward IQLearn extracts tells the expert's answer from a
@@ -12,6 +12,10 @@ twice, from the same starting model:
 - A-LoL (`ALoLTrainer`) learns from answers of mixed quality, each with its reward (a quarter expert answers, the
   others wrong in three ways); it reports the mean reward of the training answers and of greedy answers to prompts
   it never saw, before and after training.
+- DRO (`DROTrainer`) learns from a thumbs up or down per answer (KTO's `label`: up for the expert's answers only).
+  KL-regularised RL stays near its reference, so it starts, as in practice, from an SFT model: TRL's `SFTTrainer` on
+  the same answers without their labels. It reports the share of expert answers and the mean reward of greedy answers
+  to unseen prompts, for the SFT model and after DRO.
 """
 
 import argparse
@@ -21,19 +25,22 @@ import tempfile
 import time
 
 from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
 
-from . import ALoLConfig, ALoLTrainer, IQLearnConfig, IQLearnTrainer
+from . import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer, IQLearnConfig, IQLearnTrainer
 from .offline_kit import (
     SORT_ALPHABET,
     build_tiny_model,
+    greedy_completions,
     make_dataset,
     make_scored_dataset,
     mean_sort_reward,
     prompt_letters,
+    sort_reward,
 )
 
 
-TRAINERS = ("iqlearn", "alol")
+TRAINERS = ("iqlearn", "alol", "dro")
 
 
 # Both runs: a CPU, no checkpoints or trackers, a log every 50 steps
@@ -183,6 +190,84 @@ def run_alol(
     return results
 
 
+def greedy_scores(model, tokenizer, prompts: list) -> tuple[float, float]:
+    """The share of greedy answers that are the expert's (a thumbs up) and their mean `sort_reward`."""
+    completions = greedy_completions(model, tokenizer, prompts)
+    rewards = [sort_reward(prompt_letters(p), c) for p, c in zip(prompts, completions)]
+    return sum(r == 1.0 for r in rewards) / len(rewards), sum(rewards) / len(rewards)
+
+
+def run_dro(
+    model_path: str,
+    output_dir: str,
+    *,
+    max_steps: int = 200,
+    sft_steps: int = 300,
+    num_rows: int = 2048,
+    num_held_out: int = 128,
+    learning_rate: float = 1e-3,
+    value_network: str = "separate",
+    seed: int = 0,
+    save: bool = True,
+    verbose: bool = True,
+) -> dict[str, float]:
+    """SFT on sorting answers of mixed quality (`make_scored_dataset`, labels dropped), then DRO on the same answers
+    with their thumbs up or down; returns the share of expert answers and the mean reward of greedy answers to unseen
+    prompts, for the SFT model and after DRO."""
+    train = make_scored_dataset("conversational_prompt_completion", num_rows, seed=seed, score="label")
+    held_out = unseen_prompts(train["prompt"], num_held_out, seed=seed + 1000)
+    schedule = dict(per_device_train_batch_size=32, lr_scheduler_type="cosine", seed=seed, **CPU_RUN)
+
+    start = time.perf_counter()
+    sft_dir = os.path.join(output_dir, "sft")
+    sft_config = SFTConfig(output_dir=sft_dir, max_steps=sft_steps, learning_rate=3e-3, warmup_steps=10, **schedule)
+    sft = SFTTrainer(model=model_path, args=sft_config, train_dataset=train.remove_columns("label"))
+    sft.train()
+    sft.save_model()
+    sft_seconds = time.perf_counter() - start
+
+    config = DROConfig(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=min(10, max_steps // 10),
+        max_length=128,
+        value_network=value_network,
+        **schedule,
+    )
+    # The SFT model is the policy's start and the reference; the value network starts from its body too
+    trainer = DROTrainer(model=sft_dir, args=config, train_dataset=train)
+    tokenizer = trainer.processing_class
+    expert_before, reward_before = greedy_scores(trainer.model, tokenizer, held_out)
+    trainer.train()
+    expert_after, reward_after = greedy_scores(trainer.model, tokenizer, held_out)
+    dro_seconds = time.perf_counter() - start - sft_seconds
+    if save:
+        trainer.save_model()
+
+    results = {
+        "data_thumbs_up": sum(train["label"]) / len(train),
+        "expert_share_before": expert_before,
+        "expert_share_after": expert_after,
+        "reward_before": reward_before,
+        "reward_after": reward_after,
+    }
+    if verbose:
+        print(
+            f"\nDRO quickstart (beta={config.beta}, {max_steps} steps after {sft_steps} of SFT), {len(train)} answers "
+            f"with a thumbs up or down, {len(held_out)} unseen prompts"
+        )
+        print(f"  answers with a thumbs up in the data:          {results['data_thumbs_up']:.0%}")
+        print(f"  greedy answers that are the expert's, SFT:     {expert_before:.0%}")
+        print(f"  greedy answers that are the expert's, DRO:     {expert_after:.0%}")
+        print(f"  mean reward of greedy answers, SFT:            {reward_before:.3f}")
+        print(f"  mean reward of greedy answers, DRO:            {reward_after:.3f}")
+        print(f"  SFT took {sft_seconds:.0f} s; DRO's reference passes, training and evaluation {dro_seconds:.0f} s")
+        if save:
+            print(f"  model saved to {output_dir} (value network in {os.path.join(output_dir, 'value')})")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trainer", choices=("all", *TRAINERS), default="all", help="Which trainer(s) to run.")
@@ -192,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         help="Where to write the models (one folder per trainer); a temporary folder by default.",
     )
     parser.add_argument(
-        "--max_steps", type=int, default=None, help="Steps of each run (default: 400 IQLearn, 300 A-LoL)."
+        "--max_steps",
+        type=int,
+        default=None,
+        help="Steps of each run (default: 400 IQLearn, 300 A-LoL, 200 DRO after 300 of SFT).",
     )
     parser.add_argument("--td_coef", type=float, default=0.1, help="IQLearn's TD coefficient.")
     parser.add_argument("--seed", type=int, default=0)
@@ -210,6 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         )
     if args.trainer in ("all", "alol"):
         results["alol"] = run_alol(model_path, os.path.join(output_dir, "alol"), seed=args.seed, **steps)
+    if args.trainer in ("all", "dro"):
+        dro_steps = {} if args.max_steps is None else {"max_steps": args.max_steps, "sft_steps": args.max_steps}
+        results["dro"] = run_dro(model_path, os.path.join(output_dir, "dro"), seed=args.seed, **dro_steps)
     return results
 
 

@@ -1,39 +1,18 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
+from launch_utils import run_recipe
 from transformers import AutoModelForCausalLM
-
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_iqlearn_recipe_trains_under_zero3_on_two_processes(tmp_path):
     # Guards the parts that only ZeRO-3 exercises: the LM-head weight is sharded, so the soft-Q op must gather it in
     # forward and again in its recomputing backward, and the kit model must build on one rank without collectives.
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        # The DeepSpeed CPU op compiles once (~1 min) and is reused from this cache
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/trl_offline/torch_extensions")
-        ),
-    }
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "recipes/accelerate_configs/zero3_cpu.yaml",
-        "recipes/iqlearn.py",
+    run_recipe(
+        "iqlearn.py",
         "--config", "recipes/configs/iqlearn_tiny.yaml",
         "--output_dir", str(tmp_path),
         "--max_steps", "4",
-        "--disable_tqdm", "true",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Training completed." in result.stdout
+        accelerate_config="zero3_cpu.yaml",
+    )  # fmt: skip
 
     # The saved policy is the full model (16-bit gather on save), and the LM head, whose gradient only the
     # chunked op's backward produces, was trained

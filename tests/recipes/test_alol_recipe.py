@@ -1,37 +1,18 @@
-import ast
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from launch_utils import ROOT, logged_steps, run_recipe
 from transformers import AutoModelForCausalLM
 
 from trl_offline.offline_kit import sort_reward_func
-
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-
-
-def logged_steps(stdout: str) -> list[dict]:
-    """The training logs the Trainer prints, one dict per line."""
-    return [ast.literal_eval(line) for line in stdout.splitlines() if line.startswith("{'")]
+from trl_offline.recipe_utils import load_reward_func
 
 
 def test_alol_recipe_runs_offline_with_its_tiny_config(tmp_path):
     # The command printed in the recipe's docstring, shortened to a few steps
-    command = [
-        sys.executable, "recipes/alol.py",
-        "--config", "recipes/configs/alol_tiny.yaml",
-        "--max_steps", "3",
-        "--output_dir", str(tmp_path),
-        "--disable_tqdm", "true",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Training completed." in result.stdout
+    run_recipe(
+        "alol.py", "--config", "recipes/configs/alol_tiny.yaml", "--max_steps", "3", "--output_dir", str(tmp_path)
+    )
     AutoModelForCausalLM.from_pretrained(str(tmp_path))
     card = (tmp_path / "README.md").read_text()
     assert "A-LoL" in card and "2305.14718" in card
@@ -41,19 +22,20 @@ def test_recipe_reads_reward_funcs_as_import_paths_or_model_names(tmp_path):
     spec = importlib.util.spec_from_file_location("alol_recipe", ROOT / "recipes" / "alol.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    assert recipe.load_reward_func("trl_offline.offline_kit.sort_reward_func") is sort_reward_func
+    assert recipe.load_reward_func is load_reward_func  # the recipe's, from the shared helpers
+    assert load_reward_func("trl_offline.offline_kit.sort_reward_func") is sort_reward_func
     # Not importable: a hub id or a path, which the trainer loads as a sequence-classification model
-    assert recipe.load_reward_func("Skywork/Skywork-Reward-V2-Qwen3-0.6B") == "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
+    assert load_reward_func("Skywork/Skywork-Reward-V2-Qwen3-0.6B") == "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
     folder = tmp_path / "my.reward.model"
     folder.mkdir()
-    assert recipe.load_reward_func(str(folder)) == str(folder)
+    assert load_reward_func(str(folder)) == str(folder)
 
 
 def test_alol_recipe_scores_with_a_reward_function_named_on_the_command_line(tmp_path):
     # The kit's labelled rows are rescored by the function; with the labels alone every logged batch mean would be a
     # multiple of 1/16 (16 rows a batch, rewards 0.0 or 1.0)
-    command = [
-        sys.executable, "recipes/alol.py",
+    result = run_recipe(
+        "alol.py",
         "--config", "recipes/configs/alol_tiny.yaml",
         "--dataset_name", "offline_kit:labelled_prompt_completion",
         "--reward_funcs", "trl_offline.offline_kit.sort_reward_func",
@@ -61,10 +43,7 @@ def test_alol_recipe_scores_with_a_reward_function_named_on_the_command_line(tmp
         "--logging_steps", "1",
         "--value_num_prompts", "16",
         "--output_dir", str(tmp_path),
-        "--disable_tqdm", "true",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )  # fmt: skip
     logs = logged_steps(result.stdout)
     assert float(logs[0]["value/num_prompts"]) == 16
     batch_means = [float(log["reward/mean"]) * 16 for log in logs if "reward/mean" in log]
@@ -75,16 +54,8 @@ def test_alol_recipe_scores_with_a_reward_function_named_on_the_command_line(tmp
 def test_alol_recipe_trains_under_zero3_on_two_processes(tmp_path):
     # ZeRO-3 shards the parameters before `train()`: the reference passes (greedy generations for the value targets,
     # prompt features, per-token log-probs) run through a DeepSpeed inference engine with every process taking part
-    env = {
-        **ENV,
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/trl_offline/torch_extensions")
-        ),
-    }
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "recipes/accelerate_configs/zero3_cpu.yaml",
-        "recipes/alol.py",
+    result = run_recipe(
+        "alol.py",
         "--config", "recipes/configs/alol_tiny.yaml",
         "--dataset_name", "offline_kit:labelled_conversational_prompt_completion",
         "--reward_funcs", "trl_offline.offline_kit.sort_reward_func",
@@ -93,11 +64,8 @@ def test_alol_recipe_trains_under_zero3_on_two_processes(tmp_path):
         "--warmup_steps", "0",
         "--logging_steps", "1",
         "--output_dir", str(tmp_path),
-        "--disable_tqdm", "true",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Training completed." in result.stdout
+        accelerate_config="zero3_cpu.yaml",
+    )  # fmt: skip
     steps = [log for log in logged_steps(result.stdout) if "loss" in log]
     # The first step's forward comes before any update, so the policy is the reference: the log-probs precomputed
     # through the inference engine agree with the training engine's

@@ -3,7 +3,7 @@
 The value network rides on the policy as its submodule `dro_value`: the engine that DDP or DeepSpeed ZeRO-1/2/3 builds
 around the policy then holds both, shards both, reduces both gradients, clips them together, and writes both into
 its checkpoints, with gradient accumulation unchanged. The policy's forward gains one keyword, `value_prompt_mask`;
-with it, the same forward call also returns `values`, so the value's parameters are used inside the engine's forward
+with it, the same forward call also returns `prompt_values` (`V(x)`, `(B,)`; not `values`, which would shadow the output dict's method), so the value's parameters are used inside the engine's forward
 (DDP's unused-parameter search and ZeRO-3's parameter gathering both need that).
 
 The policy's checkpoint stays a plain causal LM: the value's weights are listed in `_keys_to_ignore_on_save`, so every
@@ -43,9 +43,9 @@ def attach_value_model(policy: PreTrainedModel, value_model: PromptEndValueHead)
             # over the prompts alone, cut to the longest one
             prompt_length = int(value_prompt_mask.sum(-1).max())
             input_ids = kwargs["input_ids"][:, :prompt_length]  # (B, P)
-            outputs["values"] = value_model(input_ids, value_prompt_mask[:, :prompt_length])  # (B,)
+            outputs["prompt_values"] = value_model(input_ids, value_prompt_mask[:, :prompt_length])  # (B,)
         else:
-            outputs["values"] = value_model(captured["hidden_states"], value_prompt_mask)  # (B,)
+            outputs["prompt_values"] = value_model(captured["hidden_states"], value_prompt_mask)  # (B,)
         return outputs
 
     policy.forward = forward

@@ -257,7 +257,7 @@ class DROTrainer(OfflineRLTrainer):
         per_sequence, metrics = dro_loss(
             logps.float(),
             ref_logps.float(),
-            outputs["values"],
+            outputs["prompt_values"],
             inputs["reward"].float(),
             beta=self.args.beta,
             rescale_policy_grad=self.args.rescale_policy_grad,
@@ -271,7 +271,7 @@ class DROTrainer(OfflineRLTrainer):
             "residual/mean": metrics["residual"],
             "residual/abs": metrics["residual"].abs(),
             "log_ratio/mean": metrics["log_ratio"],
-            "value/mean": outputs["values"].detach(),
+            "value/mean": outputs["prompt_values"].detach(),
             "reward/mean": inputs["reward"],
         }
         self.log_row_metrics(mode, rows, dict.fromkeys([key for key in rows if key != "rows"], "rows"))

@@ -1,0 +1,38 @@
+"""Running the recipes as a user does, in a subprocess: one process, or `accelerate launch` on 2 CPU processes."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# The DeepSpeed CPU op compiles once (~1 min) and is reused from this cache by every launch
+DEEPSPEED_ENV = {
+    **OFFLINE_ENV,
+    "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/trl_offline/torch_extensions")
+    ),
+}
+
+
+def run_recipe(script: str, *args: str, accelerate_config: str | None = None, timeout: int = 900):
+    """`python recipes/<script> args`, or under `accelerate launch --config_file recipes/accelerate_configs/<config>`;
+    fails the test with the end of stderr unless it exits 0."""
+    launcher = [sys.executable]
+    if accelerate_config is not None:
+        config = f"recipes/accelerate_configs/{accelerate_config}"
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", config]
+    env = OFFLINE_ENV if accelerate_config is None else DEEPSPEED_ENV
+    command = [*launcher, f"recipes/{script}", *args, "--disable_tqdm", "true"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Training completed." in result.stdout
+    return result
+
+
+def logged_steps(stdout: str) -> list[dict]:
+    """The training logs the Trainer prints, one dict per line."""
+    return [ast.literal_eval(line) for line in stdout.splitlines() if line.startswith("{'")]

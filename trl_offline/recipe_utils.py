@@ -1,0 +1,57 @@
+"""What the recipes in `recipes/` share: reading the model and dataset a TRL script reads (with the offline kit's names
+for runs without a hub), reward functions named on the command line, and the end of a run (train, save, push, end)."""
+
+import importlib
+import os
+
+from accelerate import PartialState
+from datasets import load_dataset
+
+from .offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
+
+
+def load_model_and_dataset(script_args, training_args, model_args):
+    """The model (a path or hub id, or `offline_kit:<architecture>` built on the spot) and the `DatasetDict`, with
+    `training_args.model_init_kwargs` filled from `model_args` as TRL's scripts do."""
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    model = model_args.model_name_or_path
+    if is_kit_name(model):
+        with PartialState().main_process_first():
+            model = resolve_kit_model(model, training_args.output_dir)
+    if is_kit_name(script_args.dataset_name):
+        dataset = load_kit_dataset(script_args.dataset_name)
+    else:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    return model, dataset
+
+
+def load_reward_func(name: str):
+    """A dotted import path names a function; anything else is a model path or hub id, loaded by the trainer."""
+    module_name, _, attribute = name.rpartition(".")
+    if module_name and not os.path.exists(name):
+        try:
+            return getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError):
+            pass
+    return name
+
+
+def train_and_save(trainer, script_args, training_args) -> None:
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Finish the trackers and destroy the process group, so no rank aborts at exit
+    trainer.end()
