@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from trl_offline.value import AttentionPoolingValueHead, fit_value_head, pad_features, predict_values
+from trl_offline.value import (
+    AdapterValueHead,
+    AttentionPoolingValueHead,
+    PromptEndValueHead,
+    fit_value_head,
+    pad_features,
+    predict_values,
+)
 
 
 HIDDEN = 16
@@ -244,3 +251,29 @@ def test_value_model_saves_and_reloads(tiny_model_path, tmp_path):
     with torch.no_grad():
         shifted = PromptValueModel.from_pretrained(str(tmp_path / "given")).eval()(*batch)
         torch.testing.assert_close(shifted, model(*batch) + 1)
+
+
+def test_policy_feature_head_reads_the_last_prompt_token_detached(tmp_path):
+    # Rows right-padded: the head reads position 1 of row 0 and position 2 of row 1, and no gradient reaches the
+    # policy's hidden states (the value's loss must not train the policy's features)
+    head = PromptEndValueHead(hidden_size=3)
+    with torch.no_grad():
+        head.head.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+        head.head.bias.fill_(0.5)
+    hidden = torch.arange(18, dtype=torch.float32).reshape(2, 3, 3).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    values = head(hidden, mask)
+    # row 0, position 1: [3, 4, 5] -> 3 + 8 + 15 + 0.5; row 1, position 2: [15, 16, 17] -> 15 + 32 + 51 + 0.5
+    torch.testing.assert_close(values, torch.tensor([26.5, 98.5]))
+    values.sum().backward()
+    assert hidden.grad is None and head.head.weight.grad is not None
+
+    head.save_pretrained(str(tmp_path))
+    reloaded = PromptEndValueHead(hidden_size=3)
+    reloaded.load_weights(str(tmp_path))
+    torch.testing.assert_close(reloaded(hidden, mask), values)
+    # The adapter variant reads the same position but lets the gradient through to the features
+    through = AdapterValueHead(hidden_size=3, adapter_name="value")
+    through.load_weights(str(tmp_path))
+    through(hidden, mask).sum().backward()
+    assert hidden.grad is not None and hidden.grad[0, 1].abs().sum() > 0 and hidden.grad[0, 2].abs().sum() == 0

@@ -53,5 +53,7 @@ def train_and_save(trainer, script_args, training_args) -> None:
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # Finish the trackers and destroy the process group, so no rank aborts at exit
+    # Every rank done (rank 0 writes the files after the others have given their shards) before the process group
+    # goes; then finish the trackers and destroy it, so no rank aborts at exit
+    trainer.accelerator.wait_for_everyone()
     trainer.end()

@@ -316,6 +316,27 @@ class PromptEndValueHead(torch.nn.Module):
         self.head.load_state_dict(load_file(os.path.join(path, self.HEAD_FILE)))
 
 
+class AdapterValueHead(PromptEndValueHead):
+    """`V(x)` from the policy's own frozen base run with a second PEFT adapter, `adapter_name`, and this head: no
+    second copy of the base weights. The adapter lives in the PEFT model (PEFT saves it); this module holds the head
+    and the adapter's name. Unlike [`PromptEndValueHead`], the features are trained (through the adapter)."""
+
+    def __init__(self, hidden_size: int, adapter_name: str):
+        super().__init__(hidden_size)
+        self.adapter_name = adapter_name
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, T, H)`): the base's last hidden states with the value adapter.
+            attention_mask (`torch.Tensor` of shape `(B, T)`): 1 on the prompt's tokens.
+
+        Returns:
+            `torch.Tensor` of shape `(B,)`, float32: `V(x)`.
+        """
+        return self.read_value(hidden_states, attention_mask)
+
+
 class PromptValueModel(PromptEndValueHead):
     """`V(x)`: a transformer body of its own and a linear head on the last hidden state of the prompt's last token, one
     value per example: DRO's value network as the paper has it, apart from the policy's weights.

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import KTOConfig
 
 from trl_offline import DROConfig, DROTrainer
+from trl_offline._trl_compat import active_adapter_layers
 from trl_offline.offline_kit import make_scored_dataset
 from trl_offline.value import PromptEndValueHead, PromptValueModel
 
@@ -52,6 +53,16 @@ def naive_values(value_model: PromptValueModel, batch) -> torch.Tensor:
         hidden = value_model.body(input_ids=prompt).last_hidden_state[0, -1]  # (H,)
         values.append(value_model.head(hidden).squeeze(-1))
     return torch.stack(values)
+
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def _forward_kwargs(batch) -> dict[str, torch.Tensor]:
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    return dict(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
+    )
 
 
 def _parameters(module) -> dict[str, torch.Tensor]:
@@ -314,8 +325,7 @@ def test_constant_rewards_are_warned_about(tmp_path, tiny_model_path, caplog):
 
 
 def test_peft_trains_the_adapters_and_the_value_network_only(tmp_path, tiny_model_path):
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled(), peft_config=peft_config)
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled(), peft_config=LORA)
     # The reference is the base model with the adapters disabled
     batch = _first_batch(trainer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
@@ -334,12 +344,11 @@ def test_peft_trains_the_adapters_and_the_value_network_only(tmp_path, tiny_mode
 
 
 def test_peft_live_reference_stays_the_base_model_while_the_adapters_train(tmp_path, tiny_model_path):
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = DROTrainer(
         tiny_model_path,
         args=_config(tmp_path, precompute_ref_log_probs=False),
         train_dataset=_labelled(),
-        peft_config=peft_config,
+        peft_config=LORA,
     )
     assert trainer.ref_model is None  # no copy of the model: the base with adapters disabled is the reference
     trainer.train()
@@ -354,6 +363,47 @@ def test_peft_live_reference_stays_the_base_model_while_the_adapters_train(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(live, naive_sequence_logps(base, batch), rtol=0, atol=1e-4)
         assert not torch.allclose(naive_sequence_logps(trainer.model, batch), live, atol=1e-3)  # adapters moved
+
+
+def test_value_adapter_shares_the_frozen_base_with_the_policy(tmp_path, tiny_model_path):
+    # value_network="adapter": the value is a second LoRA adapter on the same base plus a head, no second base copy
+    trainer = DROTrainer(
+        tiny_model_path, args=_config(tmp_path, value_network="adapter"), train_dataset=_labelled(), peft_config=LORA
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    lora_size = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
+    head_size = sum(p.numel() for p in trainer.value_model.parameters())
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert total == sum(p.numel() for p in base.parameters()) + lora_size + head_size
+    before = _parameters(trainer.model)
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert changed <= trainable
+    assert all("lora_" in name or ".dro_value.head." in name for name in trainable)
+    for adapter in ("default", "value"):  # the policy's adapter and the value's both train
+        assert any(f"lora_B.{adapter}." in name for name in changed), adapter
+    assert any(".dro_value.head." in name for name in changed)
+
+    # V(x) is read from the base run with the value's adapter, not the policy's
+    batch = _first_batch(trainer)
+    policy = trainer.model.get_base_model()
+    prompt = batch["input_ids"][:1, : int(batch["completion_mask"][0].argmax())]
+    with torch.no_grad():
+        outputs = policy(
+            **_forward_kwargs(batch), value_prompt_mask=batch["attention_mask"] * (1 - batch["completion_mask"])
+        )
+        with active_adapter_layers(policy, "value"):
+            hidden = policy.base_model(input_ids=prompt).last_hidden_state[0, -1]
+        with_policy_adapter = policy.base_model(input_ids=prompt).last_hidden_state[0, -1]
+    head = trainer.value_model.head
+    assert outputs["prompt_values"][0].item() == pytest.approx(head(hidden).item(), abs=1e-5)
+    assert outputs["prompt_values"][0].item() != pytest.approx(head(with_policy_adapter).item(), abs=1e-5)
+
+
+def test_value_adapter_needs_peft(tmp_path, tiny_model_path):
+    with pytest.raises(ValueError, match="`value_network='adapter'` puts the value in a second PEFT adapter"):
+        DROTrainer(tiny_model_path, args=_config(tmp_path, value_network="adapter"), train_dataset=_labelled())
 
 
 # -- saving and resuming ----------------------------------------------------------------------------------------------
@@ -381,16 +431,17 @@ def test_save_model_writes_the_policy_the_value_network_and_a_model_card(tmp_pat
     assert "DRO" in card and "2405.19107" in card and "richemond2024offline" in card
 
 
-@pytest.mark.parametrize("value_network", ["separate", "policy_head"])
+@pytest.mark.parametrize("value_network", ["separate", "policy_head", "adapter"])
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tiny_model_path, value_network):
     # Four steps in one go, and two steps then a resume from the checkpoint for two more, end with the same policy
     # and value network: the checkpoint restores both, with their optimizer state (AdamW moments matter here)
     dataset = _labelled(32)
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, value_network=value_network)
-    straight = DROTrainer(tiny_model_path, args=_config(tmp_path / "a", **common), train_dataset=dataset)
+    peft = {"peft_config": LORA} if value_network == "adapter" else {}
+    straight = DROTrainer(tiny_model_path, args=_config(tmp_path / "a", **common), train_dataset=dataset, **peft)
     straight.train()
 
-    resumed = DROTrainer(tiny_model_path, args=_config(tmp_path / "b", **common), train_dataset=dataset)
+    resumed = DROTrainer(tiny_model_path, args=_config(tmp_path / "b", **common), train_dataset=dataset, **peft)
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert (checkpoint / "value" / "value_head.safetensors").is_file()
     resumed.train(resume_from_checkpoint=str(checkpoint))

@@ -16,16 +16,20 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
-from ..value import PromptEndValueHead, PromptValueModel
+from .._trl_compat import active_adapter_layers, disable_gradient_checkpointing
+from ..value import AdapterValueHead, PromptEndValueHead
 
 
 VALUE_ATTR = "dro_value"
 
 
-def attach_value_model(policy: PreTrainedModel, value_model: PromptEndValueHead) -> None:
+def attach_value_model(
+    policy: PreTrainedModel, value_model: PromptEndValueHead, gradient_checkpointing_kwargs: dict | None = None
+) -> None:
     """Makes `value_model` a submodule of `policy` and lets `policy(..., value_prompt_mask=mask)` compute `V(x)`.
 
     Call after any other patch of `policy.forward` (e.g. TRL's fused LM head), so that this one wraps them.
+    `gradient_checkpointing_kwargs` are those training uses, to restore checkpointing after a value adapter's pass.
     """
     policy.add_module(VALUE_ATTR, value_model)
     ignored = {f"{VALUE_ATTR}.{name}" for name in value_model.state_dict()}
@@ -36,16 +40,27 @@ def attach_value_model(policy: PreTrainedModel, value_model: PromptEndValueHead)
     def forward(*args, value_prompt_mask: torch.Tensor | None = None, **kwargs):
         if value_prompt_mask is None:
             return inner_forward(*args, **kwargs)
-        with _captured_last_hidden_state(policy, enabled=not isinstance(value_model, PromptValueModel)) as captured:
+        reads_policy_states = type(value_model) is PromptEndValueHead
+        with _captured_last_hidden_state(policy, enabled=reads_policy_states) as captured:
             outputs = inner_forward(*args, **kwargs)
-        if isinstance(value_model, PromptValueModel):
-            # Causal attention: the prompt's states do not depend on the completion, so the value reads a forward
-            # over the prompts alone, cut to the longest one
-            prompt_length = int(value_prompt_mask.sum(-1).max())
-            input_ids = kwargs["input_ids"][:, :prompt_length]  # (B, P)
-            outputs["prompt_values"] = value_model(input_ids, value_prompt_mask[:, :prompt_length])  # (B,)
-        else:
+        if reads_policy_states:
             outputs["prompt_values"] = value_model(captured["hidden_states"], value_prompt_mask)  # (B,)
+            return outputs
+        # Causal attention: the prompt's states do not depend on the completion, so the value reads a forward over
+        # the prompts alone, cut to the longest one
+        prompt_length = int(value_prompt_mask.sum(-1).max())
+        input_ids = kwargs["input_ids"][:, :prompt_length]  # (B, P)
+        prompt_mask = value_prompt_mask[:, :prompt_length]  # (B, P)
+        if isinstance(value_model, AdapterValueHead):
+            # Not checkpointed: a recomputation in the backward pass would run with the policy's adapter active
+            with (
+                active_adapter_layers(policy, value_model.adapter_name),
+                disable_gradient_checkpointing(policy, gradient_checkpointing_kwargs),
+            ):
+                hidden = policy.base_model(input_ids=input_ids, attention_mask=prompt_mask).last_hidden_state
+            outputs["prompt_values"] = value_model(hidden, prompt_mask)  # (B,)
+        else:
+            outputs["prompt_values"] = value_model(input_ids, prompt_mask)  # (B,)
         return outputs
 
     policy.forward = forward

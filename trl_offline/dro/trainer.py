@@ -13,7 +13,7 @@ from trl import create_reference_model
 from .._trl_compat import create_model_from_path, disable_dropout_in_model, use_adapter
 from ..losses import dro_loss
 from ..offline_trainer import OfflineRLTrainer
-from ..value import PromptEndValueHead, PromptValueModel
+from ..value import AdapterValueHead, PromptEndValueHead, PromptValueModel
 from .config import DROConfig
 from .joint_model import VALUE_ATTR, attach_value_model, value_state_dict
 
@@ -116,6 +116,7 @@ class DROTrainer(OfflineRLTrainer):
             self.train_dataset = self._with_reference_logps(self.train_dataset, "train")
             self.eval_dataset = self._map_named(self.eval_dataset, self._with_reference_logps)
             self.release_reference_engine()
+            self._train_value_adapter()
         self.reward_shift, self.reward_scale = 0.0, 1.0
         if args.normalize_rewards:
             self.reward_shift, self.reward_scale = self._reward_statistics(self.train_dataset)
@@ -124,7 +125,11 @@ class DROTrainer(OfflineRLTrainer):
 
         # After TRL's fused LM head patched the policy's forward, so that the value's patch wraps it
         policy = self.accelerator.unwrap_model(self.model)
-        attach_value_model(policy.get_base_model() if is_peft_model(policy) else policy, self._new_value_model)
+        attach_value_model(
+            policy.get_base_model() if is_peft_model(policy) else policy,
+            self._new_value_model,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        )
         del self._new_value_model
         if args.disable_dropout:
             disable_dropout_in_model(self.value_model)
@@ -139,19 +144,56 @@ class DROTrainer(OfflineRLTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         return getattr(policy.get_base_model() if is_peft_model(policy) else policy, VALUE_ATTR)
 
+    def value_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the value's loss trains: the value network's, and with `value_network="adapter"` its
+        adapter's (which live in the PEFT layers)."""
+        parameters = list(self.value_model.parameters())
+        if self.args.value_network == "adapter":
+            parameters += _adapter_parameters(self.accelerator.unwrap_model(self.model), VALUE_DIR)
+        return parameters
+
     def _maybe_wrap_peft(self, model, peft_config, args):
         # The value network's body is a copy of the model as loaded, taken before PEFT puts adapters into it
         self._new_value_model = self._build_value_model(model, args)
-        return super()._maybe_wrap_peft(model, peft_config, args)
+        model = super()._maybe_wrap_peft(model, peft_config, args)
+        if args.value_network == "adapter":
+            self._add_value_adapter(model, args)
+        return model
+
+    def _add_value_adapter(self, model, args) -> None:
+        if not is_peft_model(model):
+            raise ValueError(
+                "`value_network='adapter'` puts the value in a second PEFT adapter: pass a `peft_config` (or a PEFT "
+                "model), or choose `value_network='separate'` or `'policy_head'`."
+            )
+        policy_config = model.peft_config[model.active_adapter]
+        if policy_config.is_prompt_learning:
+            raise ValueError(
+                f"`value_network='adapter'` needs an adapter in the model's layers (e.g. LoRA), not "
+                f"{policy_config.peft_type}; choose `value_network='separate'` or `'policy_head'`."
+            )
+        kwargs = {}
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            kwargs["autocast_adapter_dtype"] = False  # as for the policy's adapter under ZeRO-3
+        # Named like the value's subfolder: PEFT saves a second adapter in a subfolder of its name, beside the head
+        model.add_adapter(VALUE_DIR, copy.deepcopy(policy_config), **kwargs)
+        for parameter in _adapter_parameters(model, VALUE_DIR):  # PEFT adds it frozen
+            parameter.requires_grad_(True)
+
+    def _train_value_adapter(self) -> None:
+        """PEFT loads a second adapter frozen, and re-freezes every inactive adapter when adapters come back on after a
+        reference pass; the value's loss trains this one, so it is made trainable again."""
+        if self.args.value_network != "adapter":
+            return
+        for parameter in _adapter_parameters(self.accelerator.unwrap_model(self.model), VALUE_DIR):
+            parameter.requires_grad_(True)
 
     def _build_value_model(self, model, args) -> PromptEndValueHead:
         hidden_size = model.config.get_text_config().hidden_size
         if args.value_network == "policy_head":
             return PromptEndValueHead(hidden_size)
         if args.value_network == "adapter":
-            raise NotImplementedError(
-                "`value_network='adapter'` is not available yet; use 'separate' or 'policy_head'."
-            )
+            return AdapterValueHead(hidden_size, adapter_name=VALUE_DIR)
         sharded = any(hasattr(parameter, "ds_id") for parameter in model.parameters())  # ZeRO-3 partitioned at load
         if sharded or is_peft_model(model):
             # The weights in memory are shards or carry adapters: load the checkpoint's body instead
@@ -223,7 +265,7 @@ class DROTrainer(OfflineRLTrainer):
         optimizer = super().create_optimizer(model)
         if self.args.value_learning_rate is None or self.args.value_learning_rate == self.args.learning_rate:
             return optimizer
-        value_parameters = {id(p) for p in self.value_model.parameters()}
+        value_parameters = {id(p) for p in self.value_parameters()}
         value_groups = []
         for group in optimizer.param_groups:
             moved = [p for p in group["params"] if id(p) in value_parameters]
@@ -292,6 +334,7 @@ class DROTrainer(OfflineRLTrainer):
         else:
             with use_adapter(self.accelerator.unwrap_model(model), adapter_name=None):
                 yield model
+            self._train_value_adapter()
 
     # -- saving and resuming -----------------------------------------------------------------------------------------
 
@@ -304,10 +347,27 @@ class DROTrainer(OfflineRLTrainer):
             self.value_model.save_pretrained(os.path.join(output_dir, VALUE_DIR), state_dict=value_state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # with PEFT, loads the value adapter too
         self.value_model.load_weights(os.path.join(resume_from_checkpoint, VALUE_DIR))
+        self._train_value_adapter()
 
     def _load_best_model(self):
         super()._load_best_model()
         if not self.is_deepspeed_enabled:  # DeepSpeed's checkpoint holds the value network with the policy
             self.value_model.load_weights(os.path.join(self.state.best_model_checkpoint, VALUE_DIR))
+
+
+def _adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
+    """The weights of one PEFT adapter: in each tuner layer, the entries named `adapter_name` of its adapter
+    `ModuleDict`s (`lora_A`, `lora_B`, ...)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    parameters = []
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for attribute in layer.adapter_layer_names:
+                adapters = getattr(layer, attribute)
+                if adapter_name in adapters:
+                    entry = adapters[adapter_name]  # a module, or a parameter in a `ParameterDict`
+                    parameters += [entry] if isinstance(entry, torch.nn.Parameter) else list(entry.parameters())
+    return parameters
