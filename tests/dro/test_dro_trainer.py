@@ -1,13 +1,19 @@
+import glob
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import KTOConfig
 
 from trl_offline import DROConfig, DROTrainer
 from trl_offline._trl_compat import active_adapter_layers
-from trl_offline.offline_kit import make_scored_dataset
+from trl_offline.offline_kit import build_tiny_model, make_scored_dataset, sort_reward_func
 from trl_offline.value import PromptEndValueHead, PromptValueModel
 
 
@@ -321,6 +327,33 @@ def test_constant_rewards_are_warned_about(tmp_path, tiny_model_path, caplog):
     assert "Every training reward equals 1" in caplog.text
 
 
+def test_reward_funcs_score_the_rows_before_standardising(tmp_path, tiny_model_path):
+    dataset = _labelled().remove_columns("label")
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset, reward_funcs=sort_reward_func)
+    raw = torch.tensor(sort_reward_func(dataset["prompt"], dataset["completion"]), dtype=torch.float64)
+    expected = (raw - raw.mean()) / raw.std(unbiased=False)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["reward"], dtype=torch.float64), expected)
+
+
+def test_reference_log_probs_are_cached_beside_a_file_backed_dataset(tmp_path, tiny_model_path):
+    _labelled().to_json(str(tmp_path / "data.json"))
+    cache_dir = tmp_path / "cache"
+    dataset = load_dataset("json", data_files=str(tmp_path / "data.json"), split="train", cache_dir=str(cache_dir))
+    first = DROTrainer(tiny_model_path, args=_config(tmp_path / "a"), train_dataset=dataset)
+    [metrics_file] = glob.glob(str(cache_dir / "**" / "*.arrow.json"), recursive=True)
+    # Mark the cached metrics: a trainer that reads the cache back shows the mark, one that recomputes does not
+    with open(metrics_file, "w") as f:
+        json.dump({"cache/mark": 1.0}, f)
+    second = DROTrainer(tiny_model_path, args=_config(tmp_path / "b"), train_dataset=dataset)
+    assert second.precompute_metrics["cache/mark"] == 1.0
+    assert second.train_dataset["ref_logp"] == first.train_dataset["ref_logp"]
+    other = DROTrainer(
+        build_tiny_model(str(tmp_path / "other"), seed=1), args=_config(tmp_path / "c"), train_dataset=dataset
+    )
+    assert "cache/mark" not in other.precompute_metrics
+    assert other.train_dataset["ref_logp"] != first.train_dataset["ref_logp"]
+
+
 # -- PEFT -------------------------------------------------------------------------------------------------------------
 
 
@@ -397,8 +430,8 @@ def test_value_adapter_shares_the_frozen_base_with_the_policy(tmp_path, tiny_mod
             hidden = policy.base_model(input_ids=prompt).last_hidden_state[0, -1]
         with_policy_adapter = policy.base_model(input_ids=prompt).last_hidden_state[0, -1]
     head = trainer.value_model.head
-    assert outputs["prompt_values"][0].item() == pytest.approx(head(hidden).item(), abs=1e-5)
-    assert outputs["prompt_values"][0].item() != pytest.approx(head(with_policy_adapter).item(), abs=1e-5)
+    assert outputs.prompt_values[0].item() == pytest.approx(head(hidden).item(), abs=1e-5)
+    assert outputs.prompt_values[0].item() != pytest.approx(head(with_policy_adapter).item(), abs=1e-5)
 
 
 def test_value_adapter_needs_peft(tmp_path, tiny_model_path):
@@ -467,3 +500,32 @@ def test_evaluation_logs_the_metrics(tmp_path, tiny_model_path):
         assert f"eval_{key}" in metrics, key
     passed = DROTrainer(tiny_model_path, args=_config(tmp_path / "b"), train_dataset=_labelled())
     assert passed.evaluate(_labelled(8, seed=3))["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+
+DEEPSPEED_OWN_OPTIMIZER = """
+import os
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+from trl_offline import DROConfig, DROTrainer
+from trl_offline.offline_kit import make_scored_dataset
+deepspeed = {
+    "zero_optimization": {"stage": 2},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+}
+args = DROConfig(
+    output_dir=os.environ["OUT"], use_cpu=True, bf16=False, report_to="none", deepspeed=deepspeed,
+    learning_rate=1e-3, value_learning_rate=1e-2,
+)
+DROTrainer(os.environ["MODEL"], args=args, train_dataset=make_scored_dataset("prompt_completion", 8, score="label"))
+"""
+
+
+def test_value_learning_rate_with_a_deepspeed_optimizer_is_refused(tmp_path, tiny_model_path):
+    # DeepSpeed's own optimizer would give the value the policy's learning rate without a word. In a subprocess: the
+    # DeepSpeed engine initialises a process group that must not outlive the test
+    env = {**os.environ, "OUT": str(tmp_path), "MODEL": tiny_model_path, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_OWN_OPTIMIZER], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "`value_learning_rate` needs the trainer's optimizer" in result.stderr

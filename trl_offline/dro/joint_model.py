@@ -3,8 +3,9 @@
 The value network rides on the policy as its submodule `dro_value`: the engine that DDP or DeepSpeed ZeRO-1/2/3 builds
 around the policy then holds both, shards both, reduces both gradients, clips them together, and writes both into
 its checkpoints, with gradient accumulation unchanged. The policy's forward gains one keyword, `value_prompt_mask`;
-with it, the same forward call also returns `prompt_values` (`V(x)`, `(B,)`; not `values`, which would shadow the output dict's method), so the value's parameters are used inside the engine's forward
-(DDP's unused-parameter search and ZeRO-3's parameter gathering both need that).
+with it, the same forward call returns a `PolicyValueOutput`: the policy's own output and `V(x)`. So the value's
+parameters are used inside the engine's forward, which DDP's unused-parameter search and ZeRO-3's parameter gathering
+both need.
 
 The policy's checkpoint stays a plain causal LM: the value's weights are listed in `_keys_to_ignore_on_save`, so every
 `save_pretrained` of the policy leaves them out, and the trainer writes them in a `value/` subfolder instead.
@@ -12,15 +13,28 @@ The policy's checkpoint stays a plain causal LM: the value's weights are listed 
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .._trl_compat import active_adapter_layers, disable_gradient_checkpointing
 from ..value import AdapterValueHead, PromptEndValueHead
 
 
 VALUE_ATTR = "dro_value"
+
+
+@dataclass
+class PolicyValueOutput(ModelOutput):
+    """What the policy's forward returns when asked for values: its own output, and `V(x)`.
+
+    A new output type rather than a key added to the policy's: DDP rebuilds output dataclasses from their fields.
+    """
+
+    policy: ModelOutput | None = None
+    prompt_values: torch.Tensor | None = None  # (B,), float32: V(x); not `values`, which would hide the dict method
 
 
 def attach_value_model(
@@ -44,8 +58,7 @@ def attach_value_model(
         with _captured_last_hidden_state(policy, enabled=reads_policy_states) as captured:
             outputs = inner_forward(*args, **kwargs)
         if reads_policy_states:
-            outputs["prompt_values"] = value_model(captured["hidden_states"], value_prompt_mask)  # (B,)
-            return outputs
+            return PolicyValueOutput(outputs, value_model(captured["hidden_states"], value_prompt_mask))
         # Causal attention: the prompt's states do not depend on the completion, so the value reads a forward over
         # the prompts alone, cut to the longest one
         prompt_length = int(value_prompt_mask.sum(-1).max())
@@ -58,10 +71,8 @@ def attach_value_model(
                 disable_gradient_checkpointing(policy, gradient_checkpointing_kwargs),
             ):
                 hidden = policy.base_model(input_ids=input_ids, attention_mask=prompt_mask).last_hidden_state
-            outputs["prompt_values"] = value_model(hidden, prompt_mask)  # (B,)
-        else:
-            outputs["prompt_values"] = value_model(input_ids, prompt_mask)  # (B,)
-        return outputs
+            return PolicyValueOutput(outputs, value_model(hidden, prompt_mask))
+        return PolicyValueOutput(outputs, value_model(input_ids, prompt_mask))
 
     policy.forward = forward
 

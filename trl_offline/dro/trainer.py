@@ -135,6 +135,13 @@ class DROTrainer(OfflineRLTrainer):
             disable_dropout_in_model(self.value_model)
         if not self.is_deepspeed_enabled:  # DeepSpeed places the whole model when it builds its engine
             self.value_model.to(self.args.device)
+        elif args.value_learning_rate not in (None, args.learning_rate):
+            if "optimizer" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+                raise ValueError(
+                    "`value_learning_rate` needs the trainer's optimizer, but the DeepSpeed config defines its own "
+                    "(one learning rate for every parameter): remove its 'optimizer' section or leave "
+                    "`value_learning_rate` unset."
+                )
 
     # -- the value network -------------------------------------------------------------------------------------------
 
@@ -290,7 +297,7 @@ class DROTrainer(OfflineRLTrainer):
         )
         prompt_mask = attention_mask * (1 - completion_mask)  # (B, T) 1 on prompt tokens
         outputs = model(**forward_kwargs, value_prompt_mask=prompt_mask)
-        logps = self._sequence_logps(outputs, completion_mask)  # (B,)
+        logps = self._sequence_logps(outputs.policy, completion_mask)  # (B,)
         if "ref_logp" in inputs:
             ref_logps = inputs["ref_logp"]  # (B,)
         else:
@@ -299,7 +306,7 @@ class DROTrainer(OfflineRLTrainer):
         per_sequence, metrics = dro_loss(
             logps.float(),
             ref_logps.float(),
-            outputs["prompt_values"],
+            outputs.prompt_values,
             inputs["reward"].float(),
             beta=self.args.beta,
             rescale_policy_grad=self.args.rescale_policy_grad,
@@ -313,7 +320,7 @@ class DROTrainer(OfflineRLTrainer):
             "residual/mean": metrics["residual"],
             "residual/abs": metrics["residual"].abs(),
             "log_ratio/mean": metrics["log_ratio"],
-            "value/mean": outputs["prompt_values"].detach(),
+            "value/mean": outputs.prompt_values.detach(),
             "reward/mean": inputs["reward"],
         }
         self.log_row_metrics(mode, rows, dict.fromkeys([key for key in rows if key != "rows"], "rows"))
