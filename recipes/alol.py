@@ -29,39 +29,26 @@ prompt_completion, conversational_prompt_completion) name the offline kit's tiny
 labels the reward function then replaces), so the recipe runs without a hub.
 """
 
-from dataclasses import dataclass, field
-
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_offline import ALoLConfig, ALoLTrainer
-from trl_offline.recipe_utils import load_model_and_dataset, load_reward_func, train_and_save
+from trl_offline.recipe_utils import ScoredScriptArguments, load_model_and_dataset, load_reward_funcs, train_and_save
 
 
-@dataclass
-class ALoLScriptArguments(ScriptArguments):
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Reward functions: paths or hub ids of sequence-classification models, or dotted import paths "
-            "of functions with GRPO's signature, e.g. 'my_package.rewards.helpfulness'. Weighted by `reward_weights`."
-        },
-    )
-
-
-def main(script_args: ALoLScriptArguments, training_args: ALoLConfig, model_args: ModelConfig):
+def main(script_args: ScoredScriptArguments, training_args: ALoLConfig, model_args: ModelConfig):
     model, dataset = load_model_and_dataset(script_args, training_args, model_args)
     trainer = ALoLTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        reward_funcs=[load_reward_func(name) for name in script_args.reward_funcs or []] or None,
+        reward_funcs=load_reward_funcs(script_args),
         peft_config=get_peft_config(model_args),
     )
     train_and_save(trainer, script_args, training_args)
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ALoLScriptArguments, ALoLConfig, ModelConfig))
+    parser = TrlParser((ScoredScriptArguments, ALoLConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)
     main(script_args, training_args, model_args)

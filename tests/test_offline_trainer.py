@@ -5,6 +5,7 @@ base class has no loss of its own."""
 import pytest
 import torch
 from datasets import Dataset
+from helpers import cpu_run_args
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from trl_offline import ALoLConfig, ALoLTrainer
@@ -12,25 +13,13 @@ from trl_offline.offline_kit import build_tiny_model, make_scored_dataset
 
 
 def _config(tmp_path, **overrides) -> ALoLConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
+    defaults = dict(
         max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-2,
-        seed=0,
         value_num_prompts=8,
         value_num_epochs=2,
         max_completion_length=4,
     )
-    kwargs.update(overrides)
-    return ALoLConfig(**kwargs)
+    return ALoLConfig(**cpu_run_args(tmp_path, **{**defaults, **overrides}))
 
 
 def _naive_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,11 +3,26 @@ for runs without a hub), reward functions named on the command line, and the end
 
 import importlib
 import os
+from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from datasets import load_dataset
+from trl import ScriptArguments
 
 from .offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
+
+
+@dataclass
+class ScoredScriptArguments(ScriptArguments):
+    """TRL's script arguments, plus the reward functions of the trainers that learn from scored responses."""
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: paths or hub ids of sequence-classification models, or dotted import paths "
+            "of functions with GRPO's signature, e.g. 'my_package.rewards.helpfulness'. Weighted by `reward_weights`."
+        },
+    )
 
 
 def load_model_and_dataset(script_args, training_args, model_args):
@@ -33,6 +48,11 @@ def load_model_and_dataset(script_args, training_args, model_args):
             script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
         )
     return model, dataset
+
+
+def load_reward_funcs(script_args: ScoredScriptArguments) -> list | None:
+    """The `--reward_funcs` of the command line, each a function or a model path or hub id; `None` without any."""
+    return [load_reward_func(name) for name in script_args.reward_funcs or []] or None
 
 
 def load_reward_func(name: str):

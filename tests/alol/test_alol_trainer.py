@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 from datasets import Dataset, load_dataset
+from helpers import cpu_run_args, first_batch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,30 +20,13 @@ WEIGHTED = ("alol", "alol_seq")  # the variants with an importance weight
 
 
 def _config(tmp_path, **overrides) -> ALoLConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-2,
-        seed=0,
+    defaults = dict(
         value_num_prompts=8,
         value_num_epochs=2,
-        value_validation_fraction=0.25,  # two held-out prompts, so the explained variance is a number
+        value_validation_fraction=0.25,  # two held-out prompts, so the explained variance is a number,
         max_completion_length=4,
     )
-    kwargs.update(overrides)
-    return ALoLConfig(**kwargs)
-
-
-def _first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return ALoLConfig(**cpu_run_args(tmp_path, **{**defaults, **overrides}))
 
 
 def naive_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +114,7 @@ def test_loss_at_initialisation_matches_naive_full_logits_computation(tmp_path, 
     trainer = ALoLTrainer(
         request.getfixturevalue(model_fixture), args=args, train_dataset=make_scored_dataset("prompt_completion", 16)
     )
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     logps, mask = naive_token_logps(trainer.model, batch)
     # Before training the policy is the reference: the stored reference log-probabilities are the policy's, in place
     torch.testing.assert_close(batch["ref_logps"], logps.detach(), rtol=0, atol=1e-5)
@@ -157,7 +141,7 @@ def test_loss_after_the_policy_moved_matches_naive_computation(tmp_path, tiny_mo
     # Once the policy differs from the reference, the importance weights, their clipping and the KL term matter
     args = _config(tmp_path, loss_type=loss_type, clip_epsilon=0.1, kl_coef=0.3)
     trainer = ALoLTrainer(tiny_model_path, args=args, train_dataset=make_scored_dataset("prompt_completion", 16))
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         head = trainer.model.lm_head.weight
@@ -371,7 +355,7 @@ def test_peft_trains_only_the_adapters(tmp_path, tiny_model_path):
         peft_config=peft_config,
     )
     # The reference is the base model (adapters disabled): its log-probabilities are the base model's
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     with torch.no_grad():
         base_logps, _ = naive_token_logps(base, batch)

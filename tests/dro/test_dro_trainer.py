@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset, load_dataset
+from helpers import cpu_run_args, first_batch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import KTOConfig
@@ -18,26 +19,7 @@ from trl_offline.value import PromptEndValueHead, PromptValueModel
 
 
 def _config(tmp_path, **overrides) -> DROConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-2,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return DROConfig(**kwargs)
-
-
-def _first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return DROConfig(**cpu_run_args(tmp_path, **overrides))
 
 
 def _labelled(num_rows=16, dataset_format="prompt_completion", seed=0):
@@ -137,7 +119,7 @@ def test_eval_rewards_are_standardised_with_the_training_statistics(tmp_path, ti
 def test_loss_at_initialisation_is_half_the_mean_squared_reward(tmp_path, tiny_model_path):
     # pi == pi_ref and V == 0 (zero head): rho = r, and the precomputed ref_logp is the policy's own log-probability
     trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled())
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     with torch.no_grad():
         torch.testing.assert_close(batch["ref_logp"], naive_sequence_logps(trainer.model, batch), rtol=0, atol=1e-4)
         loss = trainer.compute_loss(trainer.model, batch)
@@ -159,7 +141,7 @@ def test_gradients_match_the_papers_two_objectives_after_training_moved_both(
     )
     trainer.train()
     model, value = trainer.model, trainer.value_model
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     model.zero_grad()
     trainer.compute_loss(model, batch).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -360,7 +342,7 @@ def test_reference_log_probs_are_cached_beside_a_file_backed_dataset(tmp_path, t
 def test_peft_trains_the_adapters_and_the_value_network_only(tmp_path, tiny_model_path):
     trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled(), peft_config=LORA)
     # The reference is the base model with the adapters disabled
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     with torch.no_grad():
         torch.testing.assert_close(batch["ref_logp"], naive_sequence_logps(base, batch), rtol=0, atol=1e-4)
@@ -385,7 +367,7 @@ def test_peft_live_reference_stays_the_base_model_while_the_adapters_train(tmp_p
     )
     assert trainer.ref_model is None  # no copy of the model: the base with adapters disabled is the reference
     trainer.train()
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     with torch.no_grad(), trainer._live_reference(trainer.model) as reference:
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -419,7 +401,7 @@ def test_value_adapter_shares_the_frozen_base_with_the_policy(tmp_path, tiny_mod
     assert any(".dro_value.head." in name for name in changed)
 
     # V(x) is read from the base run with the value's adapter, not the policy's
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     policy = trainer.model.get_base_model()
     prompt = batch["input_ids"][:1, : int(batch["completion_mask"][0].argmax())]
     with torch.no_grad():
@@ -456,7 +438,7 @@ def test_save_model_writes_the_policy_the_value_network_and_a_model_card(tmp_pat
         assert torch.equal(param, trained[name]), name
     # The value network, from its subfolder, gives the trained values
     value = PromptValueModel.from_pretrained(str(saved / "value"))
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     with torch.no_grad():
         torch.testing.assert_close(naive_values(value, batch), naive_values(trainer.value_model, batch))
     assert (saved / "value" / "value_head.safetensors").is_file()

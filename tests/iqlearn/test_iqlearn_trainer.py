@@ -2,6 +2,7 @@ import re
 
 import pytest
 import torch
+from helpers import cpu_run_args, first_batch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -11,25 +12,8 @@ from trl_offline.offline_kit import make_dataset
 
 
 def _config(tmp_path, **overrides) -> IQLearnConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-2,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return IQLearnConfig(**kwargs)
-
-
-def _first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    # TRL's default checkpointing kept on: the soft-Q op recomputes under it
+    return IQLearnConfig(**cpu_run_args(tmp_path, **{"gradient_checkpointing": True, **overrides}))
 
 
 def naive_iqlearn_loss(model, batch, td_coef, gamma):
@@ -67,7 +51,7 @@ def test_loss_matches_naive_full_logits_computation(tmp_path, request, model_fix
     args = _config(tmp_path, td_coef=0.3, gamma=0.9, assistant_only_loss=dataset_format.startswith("conversational"))
     model_path = request.getfixturevalue(model_fixture)
     trainer = IQLearnTrainer(model_path, args=args, train_dataset=make_dataset(dataset_format, 8))
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
     expected, _ = naive_iqlearn_loss(trainer.model, batch, td_coef=0.3, gamma=0.9)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
@@ -91,7 +75,7 @@ def test_zero_td_coef_equals_sft_trainer_loss(tmp_path, tiny_model_path, dataset
     sft_args = SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none")
     sft = SFTTrainer(tiny_model_path, args=sft_args, train_dataset=dataset)
     iq = IQLearnTrainer(tiny_model_path, args=_config(tmp_path, td_coef=0.0), train_dataset=dataset)
-    batch = _first_batch(sft)
+    batch = first_batch(sft)
     torch.testing.assert_close(
         iq.compute_loss(iq.model, dict(batch)), sft.compute_loss(sft.model, dict(batch)), rtol=1e-6, atol=1e-6
     )
@@ -136,7 +120,7 @@ def test_conversational_assistant_only_loss_scores_only_assistant_tokens(tmp_pat
         args=_config(tmp_path, assistant_only_loss=True),
         train_dataset=make_dataset("conversational_multi_turn", 8),
     )
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     outputs = trainer.model(**batch, soft_q_head=True)
     tokenizer = trainer.processing_class
     for row in range(batch["input_ids"].shape[0]):

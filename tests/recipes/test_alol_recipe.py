@@ -1,11 +1,6 @@
-import importlib.util
-
 import torch
-from launch_utils import ROOT, logged_steps, run_recipe
+from launch_utils import logged_steps, run_recipe
 from transformers import AutoModelForCausalLM
-
-from trl_offline.offline_kit import sort_reward_func
-from trl_offline.recipe_utils import load_reward_func
 
 
 def test_alol_recipe_runs_offline_with_its_tiny_config(tmp_path):
@@ -16,19 +11,6 @@ def test_alol_recipe_runs_offline_with_its_tiny_config(tmp_path):
     AutoModelForCausalLM.from_pretrained(str(tmp_path))
     card = (tmp_path / "README.md").read_text()
     assert "A-LoL" in card and "2305.14718" in card
-
-
-def test_recipe_reads_reward_funcs_as_import_paths_or_model_names(tmp_path):
-    spec = importlib.util.spec_from_file_location("alol_recipe", ROOT / "recipes" / "alol.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    assert recipe.load_reward_func is load_reward_func  # the recipe's, from the shared helpers
-    assert load_reward_func("trl_offline.offline_kit.sort_reward_func") is sort_reward_func
-    # Not importable: a hub id or a path, which the trainer loads as a sequence-classification model
-    assert load_reward_func("Skywork/Skywork-Reward-V2-Qwen3-0.6B") == "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
-    folder = tmp_path / "my.reward.model"
-    folder.mkdir()
-    assert load_reward_func(str(folder)) == str(folder)
 
 
 def test_alol_recipe_scores_with_a_reward_function_named_on_the_command_line(tmp_path):
