@@ -16,11 +16,19 @@ accelerate launch --config_file recipes/accelerate_configs/zero3_cpu.yaml recipe
     --config recipes/configs/alol_tiny.yaml
 ```
 
-On GPUs, with any accelerate config (DDP, DeepSpeed ZeRO-2/3; TRL ships ready ones in `trl/accelerate_configs/`):
+Under DDP or DeepSpeed ZeRO-2 on 2 CPU processes: `ddp_cpu.yaml`, `zero2_cpu.yaml` in place of `zero3_cpu.yaml`.
+On GPUs (bf16; set `num_processes` in the config or pass `--num_processes N`), with `ddp.yaml`, `zero2.yaml` or
+`zero3.yaml`:
 
 ```bash
-accelerate launch --config_file trl/accelerate_configs/zero3.yaml recipes/alol.py \
+accelerate launch --config_file recipes/accelerate_configs/zero3.yaml recipes/alol.py \
     --config recipes/configs/alol_gpu.yaml
+```
+
+The same runs through the `trl-offline` command, as `trl sft|dpo|kto` run TRL's scripts:
+
+```bash
+trl-offline alol --config recipes/configs/alol_gpu.yaml --accelerate_config zero3
 ```
 
 `--model_name_or_path offline_kit:llama` and `--dataset_name offline_kit:scored_<format>` (formats:
@@ -29,26 +37,9 @@ prompt_completion, conversational_prompt_completion) name the offline kit's tiny
 labels the reward function then replaces), so the recipe runs without a hub.
 """
 
-from trl import ModelConfig, TrlParser, get_peft_config
-
-from trl_offline import ALoLConfig, ALoLTrainer
-from trl_offline.recipe_utils import ScoredScriptArguments, load_model_and_dataset, load_reward_funcs, train_and_save
-
-
-def main(script_args: ScoredScriptArguments, training_args: ALoLConfig, model_args: ModelConfig):
-    model, dataset = load_model_and_dataset(script_args, training_args, model_args)
-    trainer = ALoLTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        reward_funcs=load_reward_funcs(script_args),
-        peft_config=get_peft_config(model_args),
-    )
-    train_and_save(trainer, script_args, training_args)
+from trl_offline.scripts.alol import main, make_parser
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScoredScriptArguments, ALoLConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(fail_with_unknown_args=False)
     main(script_args, training_args, model_args)

@@ -19,18 +19,35 @@ DEEPSPEED_ENV = {
 
 
 def run_recipe(script: str, *args: str, accelerate_config: str | None = None, timeout: int = 900):
-    """`python recipes/<script> args`, or under `accelerate launch --config_file recipes/accelerate_configs/<config>`;
-    fails the test with the end of stderr unless it exits 0."""
+    """`python recipes/<script> args` (or `python <script>` for a path), or the same under `accelerate launch
+    --config_file recipes/accelerate_configs/<config>`; fails the test with the end of stderr unless it exits 0."""
     launcher = [sys.executable]
     if accelerate_config is not None:
         config = f"recipes/accelerate_configs/{accelerate_config}"
         launcher += ["-m", "accelerate.commands.launch", "--config_file", config]
     env = OFFLINE_ENV if accelerate_config is None else DEEPSPEED_ENV
-    command = [*launcher, f"recipes/{script}", *args, "--disable_tqdm", "true"]
+    command = [*launcher, script if "/" in script else f"recipes/{script}", *args, "--disable_tqdm", "true"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Training completed." in result.stdout
+    if "--output_dir" in args:  # the run's own folder tells its processes apart from any other's
+        output_dir = args[args.index("--output_dir") + 1]
+        assert not processes_running_with(output_dir), f"processes of the run in {output_dir} outlived it"
     return result
+
+
+def processes_running_with(argument: str) -> list[int]:
+    """Pids of the processes (other than this one) whose command line has `argument`, e.g. a run's output folder."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if argument.encode() in f.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:  # gone meanwhile
+                pass
+    return pids
 
 
 def logged_steps(stdout: str) -> list[dict]:

@@ -1,5 +1,5 @@
 from trl_offline.offline_kit import sort_reward_func
-from trl_offline.recipe_utils import ScoredScriptArguments, load_reward_func, load_reward_funcs
+from trl_offline.scripts.common import ScoredScriptArguments, load_reward_func, load_reward_funcs
 
 
 def test_reward_funcs_are_import_paths_or_model_names(tmp_path):

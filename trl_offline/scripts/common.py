@@ -1,5 +1,5 @@
-"""What the recipes in `recipes/` share: reading the model and dataset a TRL script reads (with the offline kit's names
-for runs without a hub), reward functions named on the command line, and the end of a run (train, save, push, end)."""
+"""What the training scripts share: reading the model and dataset a TRL script reads (with the offline kit's names for
+runs without a hub), reward functions named on the command line, and the end of a run (train, save, push, end)."""
 
 import importlib
 import os
@@ -9,7 +9,7 @@ from accelerate import PartialState
 from datasets import load_dataset
 from trl import ScriptArguments
 
-from .offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
+from ..offline_kit import is_kit_name, load_kit_dataset, resolve_kit_model
 
 
 @dataclass
