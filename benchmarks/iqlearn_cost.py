@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,18 +52,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import current_rss_bytes, machine, peak_rss_bytes
+from common import current_rss_bytes, machine, peak_rss_bytes, summary, sync, tiny_batch, train_step
 
 
 MIB = 2**20
 TRAINERS = ("sft", "iqlearn")
 LABELS = {"sft": "SFTTrainer", "iqlearn": "IQLearnTrainer"}
 TARGETS = {"step_time": 1.10, "peak_memory": 1.05}  # IQLearn / SFT, at most
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _dataset(args):
@@ -128,24 +122,6 @@ def _same_batches(a, b):
     )
 
 
-def _train_step(trainer, batch):
-    """One optimizer step as `Trainer`'s loop runs it (see the module docstring); returns the loss."""
-    model = trainer.model_wrapped
-    batch_samples, num_items_in_batch = trainer.get_batch_samples(iter([dict(batch)]), 1, trainer.args.device)
-    loss = trainer.training_step(model, batch_samples[0], num_items_in_batch)
-    if trainer.args.max_grad_norm > 0:
-        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    model.zero_grad()
-    return loss.item()
-
-
-def _tiny_batch(batch, prompt_len):
-    """The first row, cut after a few completion tokens: a cheap step that creates the optimizer state."""
-    return {k: v[:1, : prompt_len + 16] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
-
-
 def measure_memory(args):
     """Runs in the child process (CPU): prints one JSON line with the peak RSS increase of full-size steps."""
     dataset = _dataset(args)
@@ -153,12 +129,12 @@ def measure_memory(args):
         trainer = _trainer(args.measure_memory, args, args.model_path, dataset, output_dir)
         batches = _batches(trainer)
         device = trainer.args.device
-        _train_step(trainer, _tiny_batch(batches[0], args.prompt_len))  # AdamW state, kernels, thread pools
+        train_step(trainer, tiny_batch(batches[0], args.prompt_len + 16))  # AdamW state, kernels, thread pools
         gc.collect()
         peak_before, baseline = peak_rss_bytes(), current_rss_bytes()
         for batch in batches[: args.memory_steps]:
-            _train_step(trainer, batch)
-        _sync(device)
+            train_step(trainer, batch)
+        sync(device)
         peak = peak_rss_bytes()
     new_peak = peak > peak_before
     if not new_peak:
@@ -203,15 +179,10 @@ def _profile(name, trainer, batch):
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        _train_step(trainer, batch)
+        train_step(trainer, batch)
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(f"\n{LABELS[name]}: one step under torch.profiler")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=48))
-
-
-def _summary(seconds):
-    q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else seconds * 3
-    return {"median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "seconds": seconds}
 
 
 def run(args):
@@ -246,13 +217,13 @@ def run(args):
         losses = {name: [] for name in TRAINERS}
         for i, batch in enumerate(batches):
             for name in TRAINERS if i % 2 == 0 else TRAINERS[::-1]:
-                _sync(device)
+                sync(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     baseline = torch.cuda.memory_allocated(device)
                 tic = time.perf_counter()
-                losses[name].append(_train_step(trainers[name], batch))
-                _sync(device)
+                losses[name].append(train_step(trainers[name], batch))
+                sync(device)
                 toc = time.perf_counter()
                 if i >= args.warmup:
                     seconds[name].append(toc - tic)
@@ -272,7 +243,7 @@ def run(args):
         if device.type == "cuda":
             memory = cuda_peak
 
-    timing = {name: _summary(s) for name, s in seconds.items()}
+    timing = {name: summary(s) for name, s in seconds.items()}
     time_ratio = timing["iqlearn"]["median_s"] / timing["sft"]["median_s"]
     mem_ratio = memory["iqlearn"]["peak_increase_bytes"] / max(memory["sft"]["peak_increase_bytes"], 1)
     nll_matches = abs(first_nll - losses["sft"][0]) <= 1e-4 * max(1.0, abs(losses["sft"][0]))
