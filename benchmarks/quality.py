@@ -1,0 +1,292 @@
+"""Quality: do the offline trainers beat TRL's on the same data, for the same budget? Side by side, in one run.
+
+The task is the offline kit's: sort the letters of a prompt, scored by `sort_reward` (the share of positions right;
+1.0 for the expert's answer). Every prompt of the behaviour data comes with four answers: the expert's, the letters
+unsorted, the sorted letters reversed, and the expert's with one letter changed. The starting policy, which is also
+every method's reference, is TRL's `SFTTrainer` on all those answers (a behaviour-cloning pretraining step). From it,
+each method trains for the same number of steps on the same rows, 32 sequences a step (DPO: 16 pairs), and is scored
+on held-out prompts by its greedy answers: the mean `sort_reward` and the share of expert answers.
+
+Tasks:
+
+- `rewarded` (A-LoL's setting): every answer carries its graded reward. The methods are SFT on all rows; SFT on the
+  top-reward rows (filtered behaviour cloning: each prompt's best answer); DPO on pairs (each prompt's best answer
+  against each worse one); KTO on labels (best answer up, the others down); the four A-LoL variants; DRO.
+- `thumbs` (DRO's setting): only a thumbs up (the expert's answer) or down per answer. The methods are SFT on all rows;
+  SFT on the thumbs-up rows; KTO; DRO; A-LoL.
+
+Each method has one learning rate, the same for every seed and task (`LEARNING_RATES`); the KL-regularised methods
+get their papers' or TRL's default strength (DPO/KTO beta 0.1, DRO beta 1.0). The table gives mean and standard
+deviation over seeds; a PNG plots them; a JSON records every run, the machine and the command.
+
+    python benchmarks/quality.py                    # both tasks, 3 seeds; writes results/quality.{json,png}
+    python benchmarks/quality.py --quick            # one seed, few steps: a smoke run (CI runs it)
+"""
+
+import argparse
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine
+
+
+TASKS = {
+    "rewarded": ("start", "sft_all", "sft_top", "dpo", "kto", "alol", "alol_seq", "alol_ref_free", "alol_kl", "dro"),
+    "thumbs": ("start", "sft_all", "sft_top", "kto", "dro", "alol"),
+}
+LEARNING_RATES = {"sft_all": 1e-3, "sft_top": 1e-3, "dpo": 1e-4, "kto": 1e-4, "dro": 1e-3}
+LEARNING_RATES.update(dict.fromkeys(("alol", "alol_seq", "alol_ref_free", "alol_kl"), 1e-3))
+KINDS = ("expert", "unsorted", "reversed", "changed")
+
+
+def behaviour_rows(num_prompts: int, seed: int) -> list[dict]:
+    """Four answers per prompt, with their reward, label and kind (conversational rows)."""
+    from trl_offline.offline_kit import SORT_ALPHABET, sort_prompt, sort_reward
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_prompts):
+        letters = sort_prompt(rng)
+        expert = "".join(sorted(letters))
+        position = rng.randrange(len(expert))
+        changed = expert[:position] + rng.choice(SORT_ALPHABET.replace(expert[position], "")) + expert[position + 1 :]
+        for kind, answer in zip(KINDS, (expert, letters, expert[::-1], changed)):
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": letters}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                    "reward": sort_reward(letters, answer),
+                    "label": answer == expert,
+                    "kind": kind,
+                }
+            )
+    return rows
+
+
+def held_out_prompts(rows: list[dict], num_prompts: int, seed: int) -> list:
+    """Prompts whose letters the behaviour data never shows."""
+    from trl_offline.offline_kit import sort_prompt
+
+    seen = {row["prompt"][0]["content"] for row in rows}
+    rng, prompts = random.Random(seed + 10_000), []
+    while len(prompts) < num_prompts:
+        letters = sort_prompt(rng)
+        if letters not in seen:
+            seen.add(letters)
+            prompts.append([{"role": "user", "content": letters}])
+    return prompts
+
+
+def method_dataset(method: str, task: str, rows: list[dict]):
+    """The rows as method `method` takes them."""
+    from datasets import Dataset
+
+    def group(rows):
+        by_prompt = {}
+        for row in rows:
+            by_prompt.setdefault(row["prompt"][0]["content"], []).append(row)
+        return by_prompt.values()
+
+    plain = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    if method == "sft_all":
+        return Dataset.from_list(plain)
+    if method == "sft_top":  # each prompt's best answer (the thumbs-up ones on `thumbs`)
+        best = [
+            max(answers, key=lambda r: r["reward"] if task == "rewarded" else r["label"]) for answers in group(rows)
+        ]
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in best])
+    if method == "dpo":
+        pairs = []
+        for answers in group(rows):
+            best = max(answers, key=lambda r: r["reward"])
+            pairs += [
+                {"prompt": best["prompt"], "chosen": best["completion"], "rejected": r["completion"]}
+                for r in answers
+                if r["reward"] < best["reward"]
+            ]
+        return Dataset.from_list(pairs)
+    if method == "kto" or task == "thumbs":  # labels only
+        return Dataset.from_list([{**p, "label": r["label"]} for p, r in zip(plain, rows)])
+    return Dataset.from_list([{**p, "reward": r["reward"]} for p, r in zip(plain, rows)])  # A-LoL, DRO on rewards
+
+
+def train(method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int):
+    """Trains `method` from the start model; returns the trained model and tokenizer."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    from trl_offline import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer
+
+    dataset = method_dataset(method, task, rows)
+    common = dict(
+        output_dir=output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=16 if method == "dpo" else 32,  # 32 sequences a step
+        learning_rate=LEARNING_RATES[method],
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, args.steps // 10),
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    if method.startswith("sft"):
+        trainer = SFTTrainer(start, args=SFTConfig(**common), train_dataset=dataset)
+    elif method == "dpo":
+        trainer = DPOTrainer(start, args=DPOConfig(**common, max_length=128), train_dataset=dataset)
+    elif method == "kto":
+        trainer = KTOTrainer(start, args=KTOConfig(**common, max_length=128), train_dataset=dataset)
+    elif method == "dro":
+        trainer = DROTrainer(start, args=DROConfig(**common, max_length=128), train_dataset=dataset)
+    else:
+        config = ALoLConfig(**common, max_length=128, loss_type=method)
+        trainer = ALoLTrainer(start, args=config, train_dataset=dataset)
+    trainer.train()
+    return trainer.model, trainer.processing_class
+
+
+def pretrain_start(rows: list[dict], args, root: str, seed: int) -> str:
+    """The starting policy and reference: a tiny Llama, then `SFTTrainer` on every behaviour answer."""
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_offline.offline_kit import build_tiny_model
+
+    base = build_tiny_model(os.path.join(root, "base"), seed=seed)
+    config = SFTConfig(
+        output_dir=os.path.join(root, "start"),
+        max_steps=args.start_steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(base, args=config, train_dataset=method_dataset("sft_all", "rewarded", rows))
+    trainer.train()
+    trainer.save_model()
+    return config.output_dir
+
+
+def run_seed(task: str, seed: int, args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_offline.quickstart import greedy_scores
+
+    rows = behaviour_rows(args.prompts, seed)
+    prompts = held_out_prompts(rows, args.held_out, seed)
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        start = pretrain_start(rows, args, root, seed)
+        for method in TASKS[task]:
+            tic = time.perf_counter()
+            if method == "start":
+                model, tokenizer = AutoModelForCausalLM.from_pretrained(start), AutoTokenizer.from_pretrained(start)
+            else:
+                model, tokenizer = train(method, task, start, rows, args, os.path.join(root, method), seed)
+            expert_share, reward = greedy_scores(model, tokenizer, prompts)
+            results[method] = {"reward": reward, "expert_share": expert_share, "seconds": time.perf_counter() - tic}
+            print(f"{task} seed {seed} {method:<14} reward {reward:.3f}  expert {expert_share:.0%}", flush=True)
+    return results
+
+
+def summarise(runs: dict) -> dict:
+    """`runs[task][seed][method]` -> `{task: {method: {metric: {mean, std}}}}`."""
+    table = {}
+    for task, seeds in runs.items():
+        table[task] = {}
+        for method in TASKS[task]:
+            table[task][method] = {}
+            for metric in ("reward", "expert_share"):
+                values = [seeds[seed][method][metric] for seed in seeds]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                table[task][method][metric] = {"mean": statistics.mean(values), "std": std, "values": values}
+    return table
+
+
+def plot(table: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], table.items()):
+        names = list(methods)
+        means = [methods[m]["reward"]["mean"] for m in names]
+        stds = [methods[m]["reward"]["std"] for m in names]
+        colors = ["#999999" if n == "start" else "#4c72b0" if n.startswith(("sft", "dpo", "kto")) else "#dd8452"
+                  for n in names]  # fmt: skip
+        ax.bar(names, means, yerr=stds, color=colors, capsize=3)
+        ax.set_title(f"{task}: greedy mean sort_reward, held-out prompts")
+        ax.set_ylim(0, 1.05)
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--prompts", type=int, default=512, help="behaviour prompts (4 answers each)")
+    parser.add_argument("--held-out", type=int, default=128, help="held-out prompts for the evaluation")
+    parser.add_argument("--start-steps", type=int, default=300, help="SFT steps of the starting policy")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of every method")
+    parser.add_argument("--quick", action="store_true", help="one seed, 64 prompts, 40 + 20 steps")
+    parser.add_argument("--output", help="JSON to write, a PNG beside it (default: results/quality.json)")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.prompts, args.held_out, args.start_steps, args.steps = [0], 64, 16, 40, 20
+    if args.output is None and not args.quick:
+        args.output = str(Path(__file__).parent / "results" / "quality.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+    start = time.perf_counter()
+    runs = {task: {seed: run_seed(task, seed, args) for seed in args.seeds} for task in args.tasks}
+    table = summarise(runs)
+    for task, methods in table.items():
+        print(f"\n{task} ({len(args.seeds)} seeds): greedy answers to {args.held_out} held-out prompts")
+        print(f"{'method':<16}{'reward':>16}{'expert share':>18}")
+        for method, metrics in methods.items():
+            r, e = metrics["reward"], metrics["expert_share"]
+            print(f"{method:<16}{r['mean']:>9.3f} ± {r['std']:.3f}{e['mean']:>11.1%} ± {e['std']:.1%}")
+    if args.output:
+        record = {
+            "benchmark": "quality: greedy reward on held-out prompts after equal budgets, offline trainers vs TRL's",
+            "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
+            "machine": machine("cpu"),
+            "settings": {k: v for k, v in vars(args).items() if k != "output"},
+            "learning_rates": LEARNING_RATES,
+            "summary": table,
+            "runs": runs,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        png = str(Path(args.output).with_suffix(".png"))
+        plot(table, png, f"{len(args.seeds)} seeds, {args.steps} steps of 32 sequences from an SFT start")
+        print(f"wrote {args.output} and {png}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
