@@ -16,7 +16,8 @@ Tasks:
   SFT on the thumbs-up rows; KTO; DRO; A-LoL.
 
 Each method has one learning rate, the same for every seed and task (`LEARNING_RATES`); the KL-regularised methods
-get their papers' or TRL's default strength (DPO/KTO beta 0.1, DRO beta 1.0). The table gives mean and standard
+get their papers' or TRL's default strength (DPO/KTO beta 0.1, DRO beta 1.0). KTO's desirable rows are weighed up by
+the ratio of undesirable to desirable rows, as `KTOTrainer` recommends for unbalanced labels. The table gives mean and standard
 deviation over seeds; a PNG plots them; a JSON records every run, the machine and the command.
 
     python benchmarks/quality.py                    # both tasks, 3 seeds; writes results/quality.{json,png}
@@ -43,6 +44,7 @@ TASKS = {
 }
 LEARNING_RATES = {"sft_all": 1e-3, "sft_top": 1e-3, "dpo": 1e-4, "kto": 1e-4, "dro": 1e-3}
 LEARNING_RATES.update(dict.fromkeys(("alol", "alol_seq", "alol_ref_free", "alol_kl"), 1e-3))
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # `--tune`: each method's learning rate picked from these on a validation seed
 KINDS = ("expert", "unsorted", "reversed", "changed")
 
 
@@ -117,7 +119,9 @@ def method_dataset(method: str, task: str, rows: list[dict]):
     return Dataset.from_list([{**p, "reward": r["reward"]} for p, r in zip(plain, rows)])  # A-LoL, DRO on rewards
 
 
-def train(method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int):
+def train(
+    method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int, learning_rate: float
+):
     """Trains `method` from the start model; returns the trained model and tokenizer."""
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
@@ -128,7 +132,7 @@ def train(method: str, task: str, start: str, rows: list[dict], args, output_dir
         output_dir=output_dir,
         max_steps=args.steps,
         per_device_train_batch_size=16 if method == "dpo" else 32,  # 32 sequences a step
-        learning_rate=LEARNING_RATES[method],
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=min(10, args.steps // 10),
         seed=seed,
@@ -145,7 +149,11 @@ def train(method: str, task: str, start: str, rows: list[dict], args, output_dir
     elif method == "dpo":
         trainer = DPOTrainer(start, args=DPOConfig(**common, max_length=128), train_dataset=dataset)
     elif method == "kto":
-        trainer = KTOTrainer(start, args=KTOConfig(**common, max_length=128), train_dataset=dataset)
+        # A quarter of the rows are desirable: weigh them up as TRL's KTOTrainer recommends for unbalanced labels
+        num_desirable = sum(dataset["label"])
+        desirable_weight = (len(dataset) - num_desirable) / max(num_desirable, 1)
+        config = KTOConfig(**common, max_length=128, desirable_weight=desirable_weight)
+        trainer = KTOTrainer(start, args=config, train_dataset=dataset)
     elif method == "dro":
         trainer = DROTrainer(start, args=DROConfig(**common, max_length=128), train_dataset=dataset)
     else:
@@ -184,7 +192,9 @@ def pretrain_start(rows: list[dict], args, root: str, seed: int) -> str:
     return config.output_dir
 
 
-def run_seed(task: str, seed: int, args) -> dict:
+def run_seed(task: str, seed: int, args, learning_rates: dict, grid: tuple | None = None) -> dict:
+    """Every method of `task` from the SFT start of `seed`, scored on held-out prompts. With `grid`, every method
+    runs once per learning rate of the grid, and the results are keyed `(method, learning_rate)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_offline.quickstart import greedy_scores
@@ -195,15 +205,33 @@ def run_seed(task: str, seed: int, args) -> dict:
     with tempfile.TemporaryDirectory() as root:
         start = pretrain_start(rows, args, root, seed)
         for method in TASKS[task]:
-            tic = time.perf_counter()
-            if method == "start":
-                model, tokenizer = AutoModelForCausalLM.from_pretrained(start), AutoTokenizer.from_pretrained(start)
-            else:
-                model, tokenizer = train(method, task, start, rows, args, os.path.join(root, method), seed)
-            expert_share, reward = greedy_scores(model, tokenizer, prompts)
-            results[method] = {"reward": reward, "expert_share": expert_share, "seconds": time.perf_counter() - tic}
-            print(f"{task} seed {seed} {method:<14} reward {reward:.3f}  expert {expert_share:.0%}", flush=True)
+            for learning_rate in (grid or (learning_rates.get(method),)) if method != "start" else (None,):
+                tic = time.perf_counter()
+                if method == "start":
+                    model, tokenizer = (
+                        AutoModelForCausalLM.from_pretrained(start),
+                        AutoTokenizer.from_pretrained(start),
+                    )
+                else:
+                    output_dir = os.path.join(root, f"{method}-{learning_rate}")
+                    model, tokenizer = train(method, task, start, rows, args, output_dir, seed, learning_rate)
+                expert_share, reward = greedy_scores(model, tokenizer, prompts)
+                key = method if grid is None or method == "start" else f"{method}@{learning_rate:g}"
+                results[key] = {"reward": reward, "expert_share": expert_share, "seconds": time.perf_counter() - tic}
+                print(f"{task} seed {seed} {key:<20} reward {reward:.3f}  expert {expert_share:.0%}", flush=True)
     return results
+
+
+def tune(task: str, args) -> tuple[dict, dict]:
+    """Each method's learning rate: the grid's best mean held-out reward on `--tune-seed` (its own behaviour data,
+    start and prompts, never used for the reported seeds)."""
+    results = run_seed(task, args.tune_seed, args, {}, grid=LR_GRID)
+    chosen = {}
+    for method in TASKS[task]:
+        if method != "start":
+            scores = {lr: results[f"{method}@{lr:g}"] for lr in LR_GRID}
+            chosen[method] = max(LR_GRID, key=lambda lr: (scores[lr]["reward"], scores[lr]["expert_share"]))
+    return chosen, results
 
 
 def summarise(runs: dict) -> dict:
@@ -250,6 +278,8 @@ def main():
     parser.add_argument("--held-out", type=int, default=128, help="held-out prompts for the evaluation")
     parser.add_argument("--start-steps", type=int, default=300, help="SFT steps of the starting policy")
     parser.add_argument("--steps", type=int, default=200, help="training steps of every method")
+    parser.add_argument("--tune", action="store_true", help="pick each method's learning rate from LR_GRID first")
+    parser.add_argument("--tune-seed", type=int, default=100, help="the validation seed of `--tune`")
     parser.add_argument("--quick", action="store_true", help="one seed, 64 prompts, 40 + 20 steps")
     parser.add_argument("--output", help="JSON to write, a PNG beside it (default: results/quality.json)")
     args = parser.parse_args()
@@ -261,7 +291,15 @@ def main():
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
     start = time.perf_counter()
-    runs = {task: {seed: run_seed(task, seed, args) for seed in args.seeds} for task in args.tasks}
+    learning_rates, tuning = {task: dict(LEARNING_RATES) for task in args.tasks}, {}
+    if args.tune:
+        for task in args.tasks:
+            chosen, tuning[task] = tune(task, args)
+            learning_rates[task].update(chosen)
+            print(f"{task}: learning rates chosen on seed {args.tune_seed}: {chosen}", flush=True)
+    runs = {
+        task: {seed: run_seed(task, seed, args, learning_rates[task]) for seed in args.seeds} for task in args.tasks
+    }
     table = summarise(runs)
     for task, methods in table.items():
         print(f"\n{task} ({len(args.seeds)} seeds): greedy answers to {args.held_out} held-out prompts")
@@ -275,7 +313,8 @@ def main():
             "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
             "machine": machine("cpu"),
             "settings": {k: v for k, v in vars(args).items() if k != "output"},
-            "learning_rates": LEARNING_RATES,
+            "learning_rates": learning_rates,
+            "tuning": tuning,
             "summary": table,
             "runs": runs,
             "wall_seconds": time.perf_counter() - start,
