@@ -1,11 +1,14 @@
 """Helpers the benchmark scripts share: one training step as `Trainer` runs it, CPU memory readings, timing summaries,
 and the description of the machine a figure came from."""
 
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -81,3 +84,43 @@ def summary(seconds: list[float]) -> dict:
     """Median and interquartile range of step times."""
     q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else seconds * 3
     return {"median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "seconds": seconds}
+
+
+def time_steps(trainers: dict, batches: dict, warmup: int, device: torch.device) -> tuple[dict, dict, dict]:
+    """Runs step `i` of every trainer on its batch `i`, the trainers taking turns (each leads in rotation), so machine
+    noise hits all alike. Returns the step seconds after `warmup` steps, the CUDA peak increases over those steps
+    (`max_memory_allocated` over `memory_allocated` before the step; zeros on CPU), and every step's loss."""
+    names = list(trainers)
+    seconds = {name: [] for name in names}
+    cuda_peak = {name: {"peak_increase_bytes": 0, "baseline_bytes": 0, "new_peak": True} for name in names}
+    losses = {name: [] for name in names}
+    num_steps = len(batches[names[0]])
+    for i in range(num_steps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                baseline = torch.cuda.memory_allocated(device)
+            tic = time.perf_counter()
+            losses[name].append(train_step(trainers[name], batches[name][i]))
+            sync(device)
+            toc = time.perf_counter()
+            if i >= warmup:
+                seconds[name].append(toc - tic)
+                increase = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
+                if increase > cuda_peak[name]["peak_increase_bytes"]:
+                    cuda_peak[name].update(peak_increase_bytes=increase, baseline_bytes=baseline)
+        done = "warm-up" if i < warmup else ", ".join(f"{n} {s[-1]:.3f} s" for n, s in seconds.items())
+        print(f"step {i + 1}/{num_steps}: {done}", flush=True)
+    return seconds, cuda_peak, losses
+
+
+def memory_in_subprocess(script: str, name: str, model_path: str, args, forwarded: tuple[str, ...]) -> dict:
+    """Runs `script --measure-memory=name` in a fresh process (CPU peak memory: see the cost scripts' docstrings),
+    forwarding the `forwarded` options of `args` and its `bf16` / `activation_checkpointing` flags; returns the JSON
+    record it prints last."""
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in forwarded]
+    flags = [f"--{flag.replace('_', '-')}" for flag in ("bf16", "activation_checkpointing") if getattr(args, flag)]
+    command = [sys.executable, script, f"--measure-memory={name}", f"--model-path={model_path}", *options, *flags]
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import current_rss_bytes, machine, peak_rss_bytes, summary, sync, tiny_batch, train_step
+from common import (
+    current_rss_bytes,
+    machine,
+    memory_in_subprocess,
+    peak_rss_bytes,
+    summary,
+    sync,
+    time_steps,
+    tiny_batch,
+    train_step,
+)
 
 
 MIB = 2**20
@@ -143,18 +152,6 @@ def measure_memory(args):
     print(json.dumps(record))
 
 
-def _memory_in_subprocess(name, args, model_path):
-    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in _FORWARDED]
-    flags = [f"--{flag.replace('_', '-')}" for flag in ("bf16", "activation_checkpointing") if getattr(args, flag)]
-    out = subprocess.run(
-        [sys.executable, __file__, f"--measure-memory={name}", f"--model-path={model_path}", *forwarded, *flags],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 _FORWARDED = (
     "vocab",
     "hidden",
@@ -202,7 +199,7 @@ def run(args):
         )
         if device.type != "cuda":
             # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
-            memory = {name: _memory_in_subprocess(name, args, model_path) for name in TRAINERS}
+            memory = {name: memory_in_subprocess(__file__, name, model_path, args, _FORWARDED) for name in TRAINERS}
         dataset = _dataset(args)
         trainers = {name: _trainer(name, args, model_path, dataset, root) for name in TRAINERS}
         batches = {name: _batches(trainer) for name, trainer in trainers.items()}
@@ -212,26 +209,7 @@ def run(args):
         if len(batches) != args.warmup + args.steps:
             raise RuntimeError(f"Expected {args.warmup + args.steps} batches, got {len(batches)}.")
 
-        seconds = {name: [] for name in TRAINERS}
-        cuda_peak = {name: {"peak_increase_bytes": 0, "baseline_bytes": 0, "new_peak": True} for name in TRAINERS}
-        losses = {name: [] for name in TRAINERS}
-        for i, batch in enumerate(batches):
-            for name in TRAINERS if i % 2 == 0 else TRAINERS[::-1]:
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    baseline = torch.cuda.memory_allocated(device)
-                tic = time.perf_counter()
-                losses[name].append(train_step(trainers[name], batch))
-                sync(device)
-                toc = time.perf_counter()
-                if i >= args.warmup:
-                    seconds[name].append(toc - tic)
-                    increase = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
-                    if increase > cuda_peak[name]["peak_increase_bytes"]:
-                        cuda_peak[name].update(peak_increase_bytes=increase, baseline_bytes=baseline)
-            done = "warm-up" if i < args.warmup else ", ".join(f"{n} {s[-1]:.3f} s" for n, s in seconds.items())
-            print(f"step {i + 1}/{len(batches)}: {done}", flush=True)
+        seconds, cuda_peak, losses = time_steps(trainers, dict.fromkeys(TRAINERS, batches), args.warmup, device)
         # Same weights and batch at the first step, so IQLearn's NLL term is SFT's loss
         first_nll = trainers["iqlearn"]._metrics["train"]["nll"][0]
         if args.profile:

@@ -31,14 +31,23 @@ import gc
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import current_rss_bytes, machine, peak_rss_bytes, summary, sync, tiny_batch, train_step
+from common import (
+    current_rss_bytes,
+    machine,
+    memory_in_subprocess,
+    peak_rss_bytes,
+    summary,
+    sync,
+    time_steps,
+    tiny_batch,
+    train_step,
+)
 
 
 MIB = 2**20
@@ -172,14 +181,6 @@ _FORWARDED = ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len", "ba
 _FORWARDED += ("memory_steps", "device", "seed")
 
 
-def _memory_in_subprocess(name: str, args, model_path: str) -> dict:
-    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in _FORWARDED]
-    flags = [f"--{flag.replace('_', '-')}" for flag in ("bf16", "activation_checkpointing") if getattr(args, flag)]
-    command = [sys.executable, __file__, f"--measure-memory={name}", f"--model-path={model_path}", *forwarded, *flags]
-    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def _precompute_seconds(args, model_path: str, root: str) -> dict:
     """Building `ALoLTrainer` (value fit and reference passes) on `--precompute-rows` rows, and `SFTTrainer`."""
     from datasets import Dataset
@@ -228,33 +229,14 @@ def run(args):
         )
         if device.type != "cuda":
             # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
-            memory = {name: _memory_in_subprocess(name, args, model_path) for name in names}
+            memory = {name: memory_in_subprocess(__file__, name, model_path, args, _FORWARDED) for name in names}
         precompute = _precompute_seconds(args, model_path, root) if "alol" in names else None
         rows = _rows(args)
         trainers = {name: _trainer(name, args, model_path, rows, root) for name in names}
         batches = {name: _batches(name, trainers[name], args, rows) for name in names}
         value_bytes = {name: _value_state_bytes(t) if name.startswith("dro") else 0 for name, t in trainers.items()}
 
-        seconds = {name: [] for name in names}
-        cuda_peak = {name: {"peak_increase_bytes": 0, "baseline_bytes": 0, "new_peak": True} for name in names}
-        for i in range(args.warmup + args.steps):
-            order = names[i % len(names) :] + names[: i % len(names)]  # each trainer leads in turn
-            for name in order:
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    baseline = torch.cuda.memory_allocated(device)
-                tic = time.perf_counter()
-                train_step(trainers[name], batches[name][i])
-                sync(device)
-                toc = time.perf_counter()
-                if i >= args.warmup:
-                    seconds[name].append(toc - tic)
-                    increase = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
-                    if increase > cuda_peak[name]["peak_increase_bytes"]:
-                        cuda_peak[name].update(peak_increase_bytes=increase, baseline_bytes=baseline)
-            done = "warm-up" if i < args.warmup else ", ".join(f"{n} {s[-1]:.3f} s" for n, s in seconds.items())
-            print(f"step {i + 1}/{args.warmup + args.steps}: {done}", flush=True)
+        seconds, cuda_peak, _ = time_steps(trainers, batches, args.warmup, device)
         del trainers
         gc.collect()
         if device.type == "cuda":

@@ -119,22 +119,15 @@ def method_dataset(method: str, task: str, rows: list[dict]):
     return Dataset.from_list([{**p, "reward": r["reward"]} for p, r in zip(plain, rows)])  # A-LoL, DRO on rewards
 
 
-def train(
-    method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int, learning_rate: float
-):
-    """Trains `method` from the start model; returns the trained model and tokenizer."""
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
-
-    from trl_offline import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer
-
-    dataset = method_dataset(method, task, rows)
-    common = dict(
+def _run_args(output_dir: str, steps: int, batch_size: int, learning_rate: float, seed: int) -> dict:
+    """The config fields every run shares: a cosine schedule, quiet, on the CPU."""
+    return dict(
         output_dir=output_dir,
-        max_steps=args.steps,
-        per_device_train_batch_size=16 if method == "dpo" else 32,  # 32 sequences a step
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=min(10, args.steps // 10),
+        warmup_steps=min(10, steps // 10),
         seed=seed,
         use_cpu=True,
         bf16=False,
@@ -144,6 +137,19 @@ def train(
         logging_strategy="no",
         disable_tqdm=True,
     )
+
+
+def train(
+    method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int, learning_rate: float
+):
+    """Trains `method` from the start model; returns the trained model and tokenizer."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    from trl_offline import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer
+
+    dataset = method_dataset(method, task, rows)
+    batch_size = 16 if method == "dpo" else 32  # 32 sequences a step
+    common = _run_args(output_dir, args.steps, batch_size, learning_rate, seed)
     if method.startswith("sft"):
         trainer = SFTTrainer(start, args=SFTConfig(**common), train_dataset=dataset)
     elif method == "dpo":
@@ -170,22 +176,7 @@ def pretrain_start(rows: list[dict], args, root: str, seed: int) -> str:
     from trl_offline.offline_kit import build_tiny_model
 
     base = build_tiny_model(os.path.join(root, "base"), seed=seed)
-    config = SFTConfig(
-        output_dir=os.path.join(root, "start"),
-        max_steps=args.start_steps,
-        per_device_train_batch_size=32,
-        learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=10,
-        seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-    )
+    config = SFTConfig(**_run_args(os.path.join(root, "start"), args.start_steps, 32, 3e-3, seed))
     trainer = SFTTrainer(base, args=config, train_dataset=method_dataset("sft_all", "rewarded", rows))
     trainer.train()
     trainer.save_model()
