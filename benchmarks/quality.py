@@ -45,21 +45,19 @@ TASKS = {
 LEARNING_RATES = {"sft_all": 1e-3, "sft_top": 1e-3, "dpo": 1e-4, "kto": 1e-4, "dro": 1e-3}
 LEARNING_RATES.update(dict.fromkeys(("alol", "alol_seq", "alol_ref_free", "alol_kl"), 1e-3))
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # `--tune`: each method's learning rate picked from these on a validation seed
-KINDS = ("expert", "unsorted", "reversed", "changed")
 
 
 def behaviour_rows(num_prompts: int, seed: int) -> list[dict]:
     """Four answers per prompt, with their reward, label and kind (conversational rows)."""
-    from trl_offline.offline_kit import SORT_ALPHABET, sort_prompt, sort_reward
+    from trl_offline.offline_kit import ANSWER_KINDS, mixed_quality_answers, sort_prompt, sort_reward
 
     rng = random.Random(seed)
     rows = []
     for _ in range(num_prompts):
         letters = sort_prompt(rng)
-        expert = "".join(sorted(letters))
-        position = rng.randrange(len(expert))
-        changed = expert[:position] + rng.choice(SORT_ALPHABET.replace(expert[position], "")) + expert[position + 1 :]
-        for kind, answer in zip(KINDS, (expert, letters, expert[::-1], changed)):
+        answers = mixed_quality_answers(letters, rng)
+        expert = answers[0]
+        for kind, answer in zip(ANSWER_KINDS, answers):
             rows.append(
                 {
                     "prompt": [{"role": "user", "content": letters}],

@@ -214,6 +214,22 @@ def sort_reward_func(prompts: list, completions: list, **kwargs) -> list[float]:
     return [sort_reward(prompt_letters(p), t.strip()) for p, t in zip(prompts, texts)]
 
 
+def change_one_letter(answer: str, rng: random.Random) -> str:
+    """`answer` with one letter replaced by a different one."""
+    position = rng.randrange(len(answer))
+    return answer[:position] + rng.choice(SORT_ALPHABET.replace(answer[position], "")) + answer[position + 1 :]
+
+
+ANSWER_KINDS = ("expert", "unsorted", "reversed", "changed")
+
+
+def mixed_quality_answers(letters: str, rng: random.Random) -> tuple[str, str, str, str]:
+    """Answers to a sorting prompt, one of each of `ANSWER_KINDS`: the expert's, the letters left unsorted, the sorted
+    letters reversed, and the expert's with one letter changed."""
+    expert = "".join(sorted(letters))
+    return expert, letters, expert[::-1], change_one_letter(expert, rng)
+
+
 SCORED_FORMATS = ("prompt_completion", "conversational_prompt_completion")
 
 
@@ -235,9 +251,7 @@ def make_scored_dataset(
     for i in range(num_rows):
         letters = sort_prompt(rng)
         expert = "".join(sorted(letters))
-        position = rng.randrange(len(expert))
-        changed = expert[:position] + rng.choice(SORT_ALPHABET.replace(expert[position], "")) + expert[position + 1 :]
-        answer = (expert, letters, expert[::-1], changed)[i % 4]
+        answer = mixed_quality_answers(letters, rng)[i % 4]
         if dataset_format == "prompt_completion":
             row = {"prompt": f"{letters}=", "completion": answer}
         else:

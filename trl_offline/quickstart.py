@@ -29,8 +29,8 @@ from trl import SFTConfig, SFTTrainer
 
 from . import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer, IQLearnConfig, IQLearnTrainer
 from .offline_kit import (
-    SORT_ALPHABET,
     build_tiny_model,
+    change_one_letter,
     greedy_completions,
     make_dataset,
     make_scored_dataset,
@@ -53,12 +53,6 @@ CPU_RUN = dict(
     report_to="none",
     disable_tqdm=True,
 )
-
-
-def _corrupt(answer: str, rng: random.Random) -> str:
-    """The expert's answer with one letter replaced by a different one."""
-    i = rng.randrange(len(answer))
-    return answer[:i] + rng.choice(SORT_ALPHABET.replace(answer[i], "")) + answer[i + 1 :]
 
 
 def run_iqlearn(
@@ -92,7 +86,9 @@ def run_iqlearn(
         [
             {
                 "prompt": row["prompt"],
-                "completion": [{"role": "assistant", "content": _corrupt(row["completion"][0]["content"], rng)}],
+                "completion": [
+                    {"role": "assistant", "content": change_one_letter(row["completion"][0]["content"], rng)}
+                ],
             }
             for row in held_out
         ]
