@@ -1,6 +1,7 @@
 """Helpers the benchmark scripts share: one training step as `Trainer` runs it, CPU memory readings, timing summaries,
 and the description of the machine a figure came from."""
 
+import argparse
 import json
 import os
 import platform
@@ -124,3 +125,49 @@ def memory_in_subprocess(script: str, name: str, model_path: str, args, forwarde
     command = [sys.executable, script, f"--measure-memory={name}", f"--model-path={model_path}", *options, *flags]
     out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+# The options both cost scripts take, forwarded to their memory subprocesses (with each script's own)
+COST_OPTIONS = ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len", "batch_size", "steps", "warmup")
+COST_OPTIONS += ("memory_steps", "device", "seed")
+
+
+def add_cost_arguments(parser, steps: int, trainers: str) -> None:
+    """The model sizes, batch, steps and precision options of the cost scripts (defaults: the issue's sizes)."""
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row; the rest is completion")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer before them")
+    parser.add_argument("--memory-steps", type=int, default=2, help="full-size steps in each CPU memory subprocess")
+    parser.add_argument("--bf16", action="store_true", help=f"bf16 mixed precision for {trainers}")
+    parser.add_argument("--activation-checkpointing", action="store_true", help=f"for {trainers} (default off)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="vocab 4000, hidden 64, 2 layers, seq 128, batch 4")
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set in the memory subprocess
+
+
+def apply_quick_sizes(args) -> None:
+    """`--quick`: small sizes, one warm-up step and one memory step; each script sets its own number of steps."""
+    args.vocab, args.hidden, args.layers, args.seq_len, args.prompt_len = 4000, 64, 2, 128, 32
+    args.batch_size, args.warmup, args.memory_steps = 4, 1, 1
+
+
+def build_cost_model(root: str, args) -> str:
+    """The offline kit's randomly initialised Llama at the sizes of `args`, saved under `root`; returns its path."""
+    from trl_offline.offline_kit import build_tiny_model
+
+    return build_tiny_model(
+        os.path.join(root, "model"),
+        architecture="llama",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        vocab_size=args.vocab,
+        seed=args.seed,
+    )

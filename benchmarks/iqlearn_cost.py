@@ -52,6 +52,10 @@ from pathlib import Path
 
 import torch
 from common import (
+    COST_OPTIONS,
+    add_cost_arguments,
+    apply_quick_sizes,
+    build_cost_model,
     current_rss_bytes,
     machine,
     memory_in_subprocess,
@@ -152,22 +156,7 @@ def measure_memory(args):
     print(json.dumps(record))
 
 
-_FORWARDED = (
-    "vocab",
-    "hidden",
-    "layers",
-    "heads",
-    "seq_len",
-    "prompt_len",
-    "batch_size",
-    "steps",
-    "warmup",
-    "td_coef",
-    "logits_chunk_size",
-    "memory_steps",
-    "device",
-    "seed",
-)
+_FORWARDED = (*COST_OPTIONS, "td_coef", "logits_chunk_size")
 
 
 def _profile(name, trainer, batch):
@@ -183,20 +172,10 @@ def _profile(name, trainer, batch):
 
 
 def run(args):
-    from trl_offline.offline_kit import build_tiny_model
-
     start = time.perf_counter()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as root:
-        model_path = build_tiny_model(
-            os.path.join(root, "model"),
-            architecture="llama",
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            vocab_size=args.vocab,
-            seed=args.seed,
-        )
+        model_path = build_cost_model(root, args)
         if device.type != "cuda":
             # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
             memory = {name: memory_in_subprocess(__file__, name, model_path, args, _FORWARDED) for name in TRAINERS}
@@ -295,33 +274,18 @@ def run(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row; the rest is completion")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per trainer")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer before them")
+    add_cost_arguments(parser, steps=10, trainers="both trainers")
     parser.add_argument("--td-coef", type=float, default=0.1)
     parser.add_argument("--logits-chunk-size", type=int, default=1024, help="IQLearnConfig.logits_chunk_size")
-    parser.add_argument("--memory-steps", type=int, default=2, help="full-size steps in each CPU memory subprocess")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision for both trainers")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="for both trainers (default off)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="after timing, print a profile of one step of each")
-    parser.add_argument("--quick", action="store_true", help="vocab 4000, hidden 64, 2 layers, seq 128, batch 4")
     parser.add_argument(
         "--output", help="JSON to write (default: results/iqlearn_cost.json; with --quick, none unless given)"
     )
     parser.add_argument("--measure-memory", choices=TRAINERS, help=argparse.SUPPRESS)  # set in the subprocess
-    parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set in the subprocess
     args = parser.parse_args()
     if args.quick:
-        args.vocab, args.hidden, args.layers, args.seq_len, args.prompt_len = 4000, 64, 2, 128, 32
-        args.batch_size, args.steps, args.warmup, args.memory_steps = 4, 6, 1, 1
+        apply_quick_sizes(args)
+        args.steps = 6
     if args.output is None and not args.quick:
         args.output = str(Path(__file__).parent / "results" / "iqlearn_cost.json")
     if not 0 < args.prompt_len < args.seq_len:
