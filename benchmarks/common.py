@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,19 @@ def machine(device: str) -> dict:
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }
+
+
+def provenance(device: str) -> dict:
+    """What a result's JSON record starts with: the command that produced it, as run from the repository root, and
+    the machine it ran on."""
+    return {"command": shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]), "machine": machine(device)}
+
+
+def write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def sync(device: torch.device) -> None:

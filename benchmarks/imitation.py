@@ -29,19 +29,16 @@ IQLearn's own MLE, which must match SFT. On held-out prompts (letter sets the de
 
 import argparse
 import itertools
-import json
 import math
 import os
 import random
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from functools import cache
 from pathlib import Path
 
-from common import machine
+from common import provenance, write_json
 from metrics import distinct_n, kl_divergence, self_bleu, spearman, total_variation
 
 
@@ -387,19 +384,17 @@ def main():
     if args.output:
         record = {
             "benchmark": "imitation: IQLearn over td_coef vs SFTTrainer on a known expert distribution",
-            "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
-            "machine": machine("cpu"),
+            **provenance("cpu"),
             "settings": {k: v for k, v in vars(args).items() if k != "output"} | {"theta": THETA},
             "summary": table,
             "runs": runs,
             "wall_seconds": time.perf_counter() - start,
         }
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.output, record)
         png = str(Path(args.output).with_suffix(".png"))
         title = f"{len(args.seeds)} seeds, {args.steps} steps of 32 demonstrations from the same random initialisation"
         plot(table, png, title)
-        print(f"wrote {args.output} and {png}")
+        print(f"wrote {png}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -57,14 +56,15 @@ from common import (
     apply_quick_sizes,
     build_cost_model,
     current_rss_bytes,
-    machine,
     memory_in_subprocess,
     peak_rss_bytes,
+    provenance,
     summary,
     sync,
     time_steps,
     tiny_batch,
     train_step,
+    write_json,
 )
 
 
@@ -224,8 +224,7 @@ def run(args):
 
     record = {
         "benchmark": "per-step wall time and peak memory: IQLearnTrainer vs SFTTrainer, same batches",
-        "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
-        "machine": machine(args.device),
+        **provenance(args.device),
         "sizes": sizes,
         "config": {
             "optimizer": "adamw_torch",
@@ -266,9 +265,7 @@ def run(args):
         "wall_seconds": time.perf_counter() - start,
     }
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.output}")
+        write_json(args.output, record)
     print(f"total {record['wall_seconds']:.0f} s")
 
 

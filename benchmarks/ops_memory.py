@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import current_rss_bytes, machine, peak_rss_bytes
+from common import current_rss_bytes, peak_rss_bytes, provenance, write_json
 
 
 MIB = 2**20
@@ -119,19 +119,17 @@ def main():
 
     record = {
         "benchmark": "peak memory increase of forward + backward (target logit + logsumexp)",
+        **provenance(args.device),
         "method": "fresh subprocess per path; "
         + ("cuda max_memory_allocated" if args.device != "cpu" else "ru_maxrss"),
         "sizes": sizes,
-        "machine": machine(args.device),
         "results": {
             p: {"peak_mib": r["peak_increase_bytes"] / MIB, "seconds": r["seconds"]} for p, r in results.items()
         },
         "ratio_naive_over_chunked": ratio,
     }
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.output}")
+        write_json(args.output, record)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,14 @@ deviation over seeds; a PNG plots them; a JSON records every run, the machine an
 """
 
 import argparse
-import json
 import os
 import random
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import provenance, write_json
 
 
 TASKS = {
@@ -44,7 +41,8 @@ TASKS = {
 }
 LEARNING_RATES = {"sft_all": 1e-3, "sft_top": 1e-3, "dpo": 1e-4, "kto": 1e-4, "dro": 1e-3}
 LEARNING_RATES.update(dict.fromkeys(("alol", "alol_seq", "alol_ref_free", "alol_kl"), 1e-3))
-LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # `--tune`: each method's learning rate picked from these on a validation seed
+# `--tune`: each method's learning rate is picked from these on a validation seed
+LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 
 
 def behaviour_rows(num_prompts: int, seed: int) -> list[dict]:
@@ -299,8 +297,7 @@ def main():
     if args.output:
         record = {
             "benchmark": "quality: greedy reward on held-out prompts after equal budgets, offline trainers vs TRL's",
-            "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
-            "machine": machine("cpu"),
+            **provenance("cpu"),
             "settings": {k: v for k, v in vars(args).items() if k != "output"},
             "learning_rates": learning_rates,
             "tuning": tuning,
@@ -308,11 +305,10 @@ def main():
             "runs": runs,
             "wall_seconds": time.perf_counter() - start,
         }
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.output, record)
         png = str(Path(args.output).with_suffix(".png"))
         plot(table, png, f"{len(args.seeds)} seeds, {args.steps} steps of 32 sequences from an SFT start")
-        print(f"wrote {args.output} and {png}")
+        print(f"wrote {png}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
