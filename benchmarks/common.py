@@ -61,6 +61,29 @@ def write_json(path: str, record: dict) -> None:
     print(f"wrote {path}")
 
 
+def cpu_run_args(
+    output_dir: str, *, steps: int, batch_size: int, learning_rate: float, warmup_steps: int, seed: int
+) -> dict:
+    """The config fields every quality run shares, for any TRL or trl_offline config: a cosine schedule after
+    `warmup_steps`, on the CPU in float32, with no checkpoints, trackers, logs or progress bars."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -38,7 +38,7 @@ import time
 from functools import cache
 from pathlib import Path
 
-from common import provenance, write_json
+from common import cpu_run_args, provenance, write_json
 from metrics import distinct_n, kl_divergence, self_bleu, spearman, total_variation
 
 
@@ -127,22 +127,15 @@ def train(method: str, base: str, rows: list[dict], args, output_dir: str, seed:
 
     from trl_offline import IQLearnConfig, IQLearnTrainer
 
-    common = dict(
-        output_dir=output_dir,
-        max_steps=args.steps,
-        per_device_train_batch_size=32,
+    common = cpu_run_args(
+        output_dir,
+        steps=args.steps,
+        batch_size=32,
         learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
         warmup_steps=min(20, args.steps // 10),
         seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=args.steps,  # one log, at the end: it carries the tokens seen
-        disable_tqdm=True,
     )
+    common.update(logging_strategy="steps", logging_steps=args.steps)  # one log, at the end: it has the tokens seen
     dataset = Dataset.from_list(rows)
     if method == "sft":
         trainer = SFTTrainer(base, args=SFTConfig(**common), train_dataset=dataset)

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import provenance, write_json
+from common import cpu_run_args, provenance, write_json
 
 
 TASKS = {
@@ -116,22 +116,13 @@ def method_dataset(method: str, task: str, rows: list[dict]):
 
 
 def _run_args(output_dir: str, steps: int, batch_size: int, learning_rate: float, seed: int) -> dict:
-    """The config fields every run shares: a cosine schedule, quiet, on the CPU."""
-    return dict(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
+    return cpu_run_args(
+        output_dir,
+        steps=steps,
+        batch_size=batch_size,
         learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
         warmup_steps=min(10, steps // 10),
         seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
     )
 
 
