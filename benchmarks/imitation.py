@@ -90,12 +90,25 @@ def expert_sample(letters: str, rng: random.Random) -> str:
     return rng.choices(list(distribution), weights=list(distribution.values()))[0]
 
 
-def demonstrations(num_prompts: int, seed: int) -> list[dict]:
-    """One expert answer per prompt, as conversational prompt-completion rows."""
+def split_letter_sets(num_held_out: int, seed: int) -> tuple[list[str], list[str]]:
+    """Every letter set of the task (1287 of them), shuffled and split: `num_held_out` for the evaluation, the rest
+    for the demonstrations, so no held-out prompt's letters appear in training in any order."""
+    letter_sets = ["".join(c) for n in LENGTHS for c in itertools.combinations(ALPHABET, n)]
+    random.Random(seed).shuffle(letter_sets)
+    return letter_sets[num_held_out:], letter_sets[:num_held_out]
+
+
+def shuffled(letters: str, rng: random.Random) -> str:
+    return "".join(rng.sample(letters, len(letters)))
+
+
+def demonstrations(letter_sets: list[str], num_demonstrations: int, seed: int) -> list[dict]:
+    """One expert answer each to prompts drawn from `letter_sets` (more demonstrations than sets repeat sets, in other
+    orders and with other answers), as conversational prompt-completion rows."""
     rng = random.Random(seed)
     rows = []
-    for _ in range(num_prompts):
-        letters = "".join(rng.sample(ALPHABET, rng.choice(LENGTHS)))
+    for _ in range(num_demonstrations):
+        letters = shuffled(rng.choice(letter_sets), rng)
         rows.append(
             {
                 "prompt": [{"role": "user", "content": letters}],
@@ -103,18 +116,6 @@ def demonstrations(num_prompts: int, seed: int) -> list[dict]:
             }
         )
     return rows
-
-
-def held_out_letters(rows: list[dict], num_prompts: int, seed: int) -> list[str]:
-    """Prompts whose letter sets no demonstration shows."""
-    seen = {"".join(sorted(row["prompt"][0]["content"])) for row in rows}
-    rng, prompts = random.Random(seed + 10_000), []
-    while len(prompts) < num_prompts:
-        letters = "".join(rng.sample(ALPHABET, rng.choice(LENGTHS)))
-        if "".join(sorted(letters)) not in seen:
-            seen.add("".join(sorted(letters)))
-            prompts.append(letters)
-    return prompts
 
 
 # Training
@@ -265,8 +266,10 @@ def run_seed(num_demonstrations: int, seed: int, args) -> dict:
     """Every method on `num_demonstrations` demonstrations of `seed`, from the same initialisation."""
     from trl_offline.offline_kit import build_tiny_model
 
-    rows = demonstrations(num_demonstrations, seed)
-    prompts = held_out_letters(rows, args.held_out, seed)
+    train_sets, held_out_sets = split_letter_sets(args.held_out, seed)
+    rows = demonstrations(train_sets, num_demonstrations, seed)
+    rng = random.Random(seed + 10_000)
+    prompts = [shuffled(letters, rng) for letters in held_out_sets]
     results = {"expert": expert_row(prompts, seed)}
     with tempfile.TemporaryDirectory() as root:
         base = build_tiny_model(os.path.join(root, "base"), hidden_size=args.hidden_size, seed=seed)

@@ -35,6 +35,20 @@ def test_expert_is_mallows_around_the_sorted_letters():
     assert distribution["cba"] == pytest.approx(math.exp(-3 * imitation.THETA) / z)
 
 
+def test_held_out_letter_sets_never_appear_in_the_demonstrations():
+    train_sets, held_out_sets = imitation.split_letter_sets(128, seed=0)
+    assert len(held_out_sets) == 128
+    assert len(train_sets) + len(held_out_sets) == math.comb(12, 4) + math.comb(12, 5)
+    # More demonstrations than letter sets: sets repeat, never a held-out one
+    rows = imitation.demonstrations(train_sets, 2000, seed=0)
+    shown = {"".join(sorted(row["prompt"][0]["content"])) for row in rows}
+    assert shown <= set(train_sets)
+    assert not shown & set(held_out_sets)
+    for row in rows[:50]:
+        letters, answer = row["prompt"][0]["content"], row["completion"][0]["content"]
+        assert sorted(answer) == sorted(letters)
+
+
 def test_answer_log_probs_in_a_padded_batch_equal_one_row_at_a_time(tiny_model_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
