@@ -1,29 +1,32 @@
 """Imitation: IQLearn over a sweep of `td_coef` against TRL's `SFTTrainer`, on demonstrations from a known expert
 distribution with many valid answers. Side by side, in one run.
 
-The task: the prompt is 4 or 5 distinct letters in random order; a valid answer is any ordering of exactly those
-letters (24 or 120 of them). The task reward of an answer is its sortedness, `1 - inversions / max_inversions` (1.0
-for the sorted letters, 0.0 for the reversed ones), and 0.0 for an answer that is not an ordering of the letters.
-The expert is Boltzmann-rational for that reward: a Mallows distribution, `p(y | x) ∝ exp(-theta * inversions(y))`,
-which puts about a tenth of its mass on the sorted answer and spreads the rest over every ordering. Since the
-expert's distribution is known, the distance of a model's to it is measured exactly, by scoring every valid answer.
+The task: the prompt is 4 or 5 distinct letters of 12, in random order; a valid answer is any ordering of exactly
+those letters (24 or 120 of them). The task reward of an answer is its sortedness, `1 - inversions / max_inversions`
+(1.0 for the sorted letters, 0.0 for the reversed ones), and 0.0 for an answer that is not an ordering of the
+letters. The expert is Boltzmann-rational for that reward: a Mallows distribution, `p(y | x) ∝ exp(-theta *
+inversions(y))`, which puts a fifth (4 letters) or a tenth (5 letters) of its mass on the sorted answer and spreads
+the rest over every ordering. Since the expert's distribution is known, the distance of a model's to it is measured
+exactly, by scoring every valid answer.
 
-Every method trains from the same randomly initialised tiny Llama on the same demonstrations (one expert sample per
-prompt) with the same budget: the same steps, batches of the same rows in the same order (so the same tokens),
-learning rate and schedule. `SFTTrainer` and every `IQLearnTrainer` then differ only in the loss; `td_coef=0` is
-IQLearn's own MLE, which must match SFT. On held-out prompts (letter sets the demonstrations never show):
+128 of the 1287 letter sets are held out; the demonstrations (one expert sample each) come from the others, at each
+of two data sizes. Every method trains from the same randomly initialised tiny Llama on the same demonstrations with
+the same budget: the same steps, batches of the same rows in the same order (so the same tokens, which the JSON
+records), learning rate and schedule. `SFTTrainer` and every `IQLearnTrainer` then differ only in the loss;
+`td_coef=0` is IQLearn's own MLE, which should match SFT. On the held-out prompts:
 
 - task success: the share of valid answers among samples at temperature 1, and the model's exact expected task
-  reward (every valid answer scored);
+  reward (every valid answer scored; invalid answers score 0);
 - diversity of 8 samples per prompt: distinct answers, distinct-2 and distinct-3 within each prompt's samples, and
   self-BLEU (character n-grams up to 4), averaged over prompts; the expert's own samples give the target;
 - distance to the expert: the exact total variation distance and KL(expert || model) per prompt, averaged;
-- reward analysis (Wulfmeier et al. 2024): Spearman's correlation, pooled over every valid answer of every
-  held-out prompt, between the reward each model implies (`IQLearnTrainer.compute_implicit_rewards`: the sum over
-  the answer of `Q(s, a) - gamma * V(s')`, with the logits as Q; for the SFT model the same formula on its logits)
-  and the true task reward.
+- reward analysis (Wulfmeier et al. 2024): Spearman's correlation between the reward each model implies
+  (`IQLearnTrainer.compute_implicit_rewards`: the sum over the answer of `Q(s, a) - gamma * V(s')`, with the logits
+  as Q; for the SFT model the same formula on its logits) and the true task reward, pooled over every valid answer of
+  every held-out prompt, and over one expert answer per prompt, where only a reward whose level is comparable
+  across prompts ranks well (as in the paper's analysis, one output per input).
 
-    python benchmarks/imitation.py            # 3 seeds; writes results/imitation.{json,png}
+    python benchmarks/imitation.py            # 1024 and 4096 demonstrations, 3 seeds; results/imitation.{json,png}
     python benchmarks/imitation.py --quick    # one seed, few steps: a smoke run (CI runs it)
 """
 
