@@ -164,6 +164,63 @@ def memory_in_subprocess(script: str, name: str, model_path: str, args, forwarde
     return json.loads(out.strip().splitlines()[-1])
 
 
+def memory_in_subprocesses(script: str, names, model_path: str, args, forwarded: tuple[str, ...]) -> dict:
+    """`memory_in_subprocess` for every trainer of `names`, `args.memory_repeats` times, the trainers taking turns.
+    Each trainer keeps the record of its median run, plus every run's peak increase: one reading of the CPU peak RSS
+    moves by a few percent from run to run."""
+    runs = {name: [] for name in names}
+    for _ in range(args.memory_repeats):
+        for name in names:
+            runs[name].append(memory_in_subprocess(script, name, model_path, args, forwarded))
+    medians = {}
+    for name, records in runs.items():
+        median = sorted(records, key=lambda r: r["peak_increase_bytes"])[len(records) // 2]
+        medians[name] = {**median, "peak_increase_bytes_runs": [r["peak_increase_bytes"] for r in records]}
+    return medians
+
+
+def cost_plot_title(args) -> str:
+    """The machine and the sizes a cost plot's figures came from."""
+    device = (
+        torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    )
+    return (
+        f"{device}: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, sequence {args.seq_len}, "
+        f"batch {args.batch_size}, {args.steps} timed steps" + (", bf16" if args.bf16 else "")
+    )
+
+
+def plot_cost(timing: dict, memory: dict, labels: dict, path: str, title: str) -> None:
+    """Two bar charts, one bar per trainer: the median step time with its interquartile range, and the peak memory
+    increase with the range of the repeated CPU readings (`peak_increase_bytes_runs`) where there are several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(timing)
+    ticks = [labels[name] for name in names]
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(5 + 1.6 * len(names), 4))
+    medians = [timing[name]["median_s"] for name in names]
+    below = [timing[name]["median_s"] - timing[name]["q1_s"] for name in names]
+    above = [timing[name]["q3_s"] - timing[name]["median_s"] for name in names]
+    time_ax.bar(ticks, medians, yerr=[below, above], capsize=3, color="#4c72b0")
+    time_ax.set_ylabel("seconds per step (median, IQR)")
+    mib = [memory[name]["peak_increase_bytes"] / 2**20 for name in names]
+    runs = [[b / 2**20 for b in memory[name].get("peak_increase_bytes_runs", [memory[name]["peak_increase_bytes"]])]
+            for name in names]  # fmt: skip
+    below = [m - min(r) for m, r in zip(mib, runs)]
+    above = [max(r) - m for m, r in zip(mib, runs)]
+    memory_ax.bar(ticks, mib, yerr=[below, above], capsize=3, color="#dd8452")
+    memory_ax.set_ylabel("peak memory increase, MiB (median, range)")
+    for ax in (time_ax, memory_ax):
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 # The options both cost scripts take, forwarded to their memory subprocesses (with each script's own)
 COST_OPTIONS = ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len", "batch_size", "steps", "warmup")
 COST_OPTIONS += ("memory_steps", "device", "seed")
@@ -181,6 +238,9 @@ def add_cost_arguments(parser, steps: int, trainers: str) -> None:
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per trainer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer before them")
     parser.add_argument("--memory-steps", type=int, default=2, help="full-size steps in each CPU memory subprocess")
+    parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="CPU memory subprocesses per trainer; the median is reported"
+    )
     parser.add_argument("--bf16", action="store_true", help=f"bf16 mixed precision for {trainers}")
     parser.add_argument("--activation-checkpointing", action="store_true", help=f"for {trainers} (default off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -192,7 +252,7 @@ def add_cost_arguments(parser, steps: int, trainers: str) -> None:
 def apply_quick_sizes(args) -> None:
     """`--quick`: small sizes, one warm-up step and one memory step; each script sets its own number of steps."""
     args.vocab, args.hidden, args.layers, args.seq_len, args.prompt_len = 4000, 64, 2, 128, 32
-    args.batch_size, args.warmup, args.memory_steps = 4, 1, 1
+    args.batch_size, args.warmup, args.memory_steps, args.memory_repeats = 4, 1, 1, 1
 
 
 def build_cost_model(root: str, args) -> str:

@@ -55,9 +55,11 @@ from common import (
     add_cost_arguments,
     apply_quick_sizes,
     build_cost_model,
+    cost_plot_title,
     current_rss_bytes,
-    memory_in_subprocess,
+    memory_in_subprocesses,
     peak_rss_bytes,
+    plot_cost,
     provenance,
     summary,
     sync,
@@ -178,7 +180,7 @@ def run(args):
         model_path = build_cost_model(root, args)
         if device.type != "cuda":
             # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
-            memory = {name: memory_in_subprocess(__file__, name, model_path, args, _FORWARDED) for name in TRAINERS}
+            memory = memory_in_subprocesses(__file__, TRAINERS, model_path, args, _FORWARDED)
         dataset = _dataset(args)
         trainers = {name: _trainer(name, args, model_path, dataset, root) for name in TRAINERS}
         batches = {name: _batches(trainer) for name, trainer in trainers.items()}
@@ -242,7 +244,8 @@ def run(args):
             "cuda max_memory_allocated - memory_allocated before the step, max over timed steps"
             if device.type == "cuda"
             else f"fresh subprocess per trainer; ru_maxrss increase over RSS after a tiny warm-up step "
-            f"(AdamW state exists), over {args.memory_steps} full-size step(s)"
+            f"(AdamW state exists), over {args.memory_steps} full-size step(s); the median of "
+            f"{args.memory_repeats} such processes per trainer, the trainers taking turns"
         ),
         "results": {
             name: {
@@ -252,6 +255,7 @@ def run(args):
                 "q3_s": timing[name]["q3_s"],
                 "step_seconds": timing[name]["seconds"],
                 "peak_increase_mib": memory[name]["peak_increase_bytes"] / MIB,
+                "peak_increase_mib_runs": [b / MIB for b in memory[name].get("peak_increase_bytes_runs", [])],
                 "memory_baseline_mib": memory[name]["baseline_bytes"] / MIB,  # RSS on CPU, allocated on CUDA
                 "new_peak": memory[name]["new_peak"],
                 "first_step_loss": losses[name][0],
@@ -266,6 +270,7 @@ def run(args):
     }
     if args.output:
         write_json(args.output, record)
+        plot_cost(timing, memory, LABELS, str(Path(args.output).with_suffix(".png")), cost_plot_title(args))
     print(f"total {record['wall_seconds']:.0f} s")
 
 

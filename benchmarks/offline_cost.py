@@ -40,9 +40,11 @@ from common import (
     add_cost_arguments,
     apply_quick_sizes,
     build_cost_model,
+    cost_plot_title,
     current_rss_bytes,
-    memory_in_subprocess,
+    memory_in_subprocesses,
     peak_rss_bytes,
+    plot_cost,
     provenance,
     summary,
     sync,
@@ -221,7 +223,7 @@ def run(args):
         model_path = build_cost_model(root, args)
         if device.type != "cuda":
             # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
-            memory = {name: memory_in_subprocess(__file__, name, model_path, args, _FORWARDED) for name in names}
+            memory = memory_in_subprocesses(__file__, names, model_path, args, _FORWARDED)
         precompute = _precompute_seconds(args, model_path, root) if "alol" in names else None
         rows = _rows(args)
         trainers = {name: _trainer(name, args, model_path, rows, root) for name in names}
@@ -291,7 +293,8 @@ def run(args):
             "cuda max_memory_allocated - memory_allocated before the step, max over timed steps"
             if device.type == "cuda"
             else "fresh subprocess per trainer; ru_maxrss increase over RSS after a tiny warm-up step (AdamW state "
-            f"exists), over {args.memory_steps} full-size step(s)"
+            f"exists), over {args.memory_steps} full-size step(s); the median of "
+            f"{args.memory_repeats} such processes per trainer, the trainers taking turns"
         ),
         "results": {
             name: {
@@ -299,6 +302,7 @@ def run(args):
                 "iqr_s": timing[name]["iqr_s"],
                 "step_seconds": timing[name]["seconds"],
                 "peak_increase_mib": mib[name],
+                "peak_increase_mib_runs": [b / MIB for b in memory[name].get("peak_increase_bytes_runs", [])],
                 "memory_baseline_mib": memory[name]["baseline_bytes"] / MIB,
                 "new_peak": memory[name]["new_peak"],
                 "value_state_mib": memory[name]["value_state_bytes"] / MIB,
@@ -312,6 +316,7 @@ def run(args):
     }
     if args.output:
         write_json(args.output, record)
+        plot_cost(timing, memory, LABELS, str(Path(args.output).with_suffix(".png")), cost_plot_title(args))
     print(f"total {record['wall_seconds']:.0f} s")
 
 
