@@ -1,6 +1,8 @@
-"""Running the recipes as a user does, in a subprocess: one process, or `accelerate launch` on 2 CPU processes."""
+"""Running the recipes as a user does, in a subprocess: one process, or `accelerate launch` on 2 CPU processes; and
+the benchmarks' quick runs."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +36,16 @@ def run_recipe(script: str, *args: str, accelerate_config: str | None = None, ti
         output_dir = args[args.index("--output_dir") + 1]
         assert not processes_running_with(output_dir), f"processes of the run in {output_dir} outlived it"
     return result
+
+
+def run_quick_benchmark(script: str, output: Path) -> dict:
+    """Runs `benchmarks/<script> --quick --output <output>`, checks it exits cleanly and wrote a PNG beside its JSON,
+    and returns the JSON record."""
+    command = [sys.executable, f"benchmarks/{script}", "--quick", "--output", str(output)]
+    result = subprocess.run(command, cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert output.with_suffix(".png").stat().st_size > 10_000
+    return json.loads(output.read_text())
 
 
 def processes_running_with(argument: str) -> list[int]:
