@@ -1,5 +1,6 @@
 """Helpers the benchmark scripts share: one training step as `Trainer` runs it, CPU memory readings, timing summaries,
-and the description of the machine a figure came from."""
+the config of the quality runs, the cost plots, and each result's provenance (the command and the machine a figure
+came from)."""
 
 import argparse
 import json
@@ -168,6 +169,8 @@ def memory_in_subprocesses(script: str, names, model_path: str, args, forwarded:
     """`memory_in_subprocess` for every trainer of `names`, `args.memory_repeats` times, the trainers taking turns.
     Each trainer keeps the record of its median run, plus every run's peak increase: one reading of the CPU peak RSS
     moves by a few percent from run to run."""
+    if args.memory_repeats < 1:
+        raise ValueError(f"`--memory-repeats` must be at least 1, got {args.memory_repeats}.")
     runs = {name: [] for name in names}
     for _ in range(args.memory_repeats):
         for name in names:
@@ -250,7 +253,8 @@ def add_cost_arguments(parser, steps: int, trainers: str) -> None:
 
 
 def apply_quick_sizes(args) -> None:
-    """`--quick`: small sizes, one warm-up step and one memory step; each script sets its own number of steps."""
+    """`--quick`: small sizes, one warm-up step, one memory step and one memory reading; each script sets its own
+    number of steps."""
     args.vocab, args.hidden, args.layers, args.seq_len, args.prompt_len = 4000, 64, 2, 128, 32
     args.batch_size, args.warmup, args.memory_steps, args.memory_repeats = 4, 1, 1, 1
 

@@ -130,6 +130,25 @@ def main():
     }
     if args.output:
         write_json(args.output, record)
+        plot(record, str(Path(args.output).with_suffix(".png")))
+
+
+def plot(record: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"naive": "full logits", "chunked": "chunked_soft_q_stats"}
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar([labels[p] for p in record["results"]], [r["peak_mib"] for r in record["results"].values()],
+           color=["#4c72b0", "#dd8452"])  # fmt: skip
+    ax.set_ylabel("peak memory increase, MiB")
+    sizes, device = record["sizes"], record["machine"]["device"]
+    ax.set_title(f"{device}: {sizes['tokens']} tokens, vocab {sizes['vocab']}, hidden {sizes['hidden']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
