@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -257,6 +258,46 @@ def apply_quick_sizes(args) -> None:
     number of steps."""
     args.vocab, args.hidden, args.layers, args.seq_len, args.prompt_len = 4000, 64, 2, 128, 32
     args.batch_size, args.warmup, args.memory_steps, args.memory_repeats = 4, 1, 1, 1
+
+
+# The optimizer settings of every trainer in a cost run, as TrainingArguments fields
+COST_OPTIMIZER = dict(learning_rate=1e-4, optim="adamw_torch", max_grad_norm=1.0)
+
+
+def finish_cost_arguments(parser, args, result_name: str) -> None:
+    """What both cost scripts do after parsing: the default result path (none with `--quick`), the prompt-length
+    check, and no hub."""
+    if args.output is None and not args.quick:
+        args.output = str(Path(__file__).parent / "results" / result_name)
+    if not 0 < args.prompt_len < args.seq_len:
+        parser.error("--prompt-len must be between 0 and --seq-len, exclusive")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def cost_record_fields(args, device: torch.device, timing: dict, memory: dict) -> dict:
+    """The parts of a cost result's JSON record both scripts share: the optimizer and precision, how memory was
+    measured, and each trainer's timing and memory figures (`results`, which each script extends)."""
+    memory_method = (
+        "cuda max_memory_allocated - memory_allocated before the step, max over timed steps"
+        if device.type == "cuda"
+        else "fresh subprocess per trainer; ru_maxrss increase over RSS after a tiny warm-up step (AdamW state "
+        f"exists), over {args.memory_steps} full-size step(s); the median of {args.memory_repeats} such processes "
+        "per trainer, the trainers taking turns"
+    )
+    results = {
+        name: {
+            **{key: timing[name][key] for key in ("median_s", "iqr_s", "q1_s", "q3_s")},
+            "step_seconds": timing[name]["seconds"],
+            "peak_increase_mib": memory[name]["peak_increase_bytes"] / 2**20,
+            "peak_increase_mib_runs": [b / 2**20 for b in memory[name].get("peak_increase_bytes_runs", [])],
+            "memory_baseline_mib": memory[name]["baseline_bytes"] / 2**20,  # RSS on CPU, allocated on CUDA
+            "new_peak": memory[name]["new_peak"],
+        }
+        for name in timing
+    }
+    config = {**COST_OPTIMIZER, "bf16": args.bf16, "activation_checkpointing": args.activation_checkpointing}
+    return {"config": config, "memory_method": memory_method, "results": results}
 
 
 def build_cost_model(root: str, args) -> str:

@@ -51,12 +51,15 @@ from pathlib import Path
 
 import torch
 from common import (
+    COST_OPTIMIZER,
     COST_OPTIONS,
     add_cost_arguments,
     apply_quick_sizes,
     build_cost_model,
     cost_plot_title,
+    cost_record_fields,
     current_rss_bytes,
+    finish_cost_arguments,
     memory_in_subprocesses,
     peak_rss_bytes,
     plot_cost,
@@ -98,9 +101,7 @@ def _trainer(name, args, model_path, dataset, output_dir):
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         max_steps=args.warmup + args.steps,
-        learning_rate=1e-4,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
+        **COST_OPTIMIZER,
         max_length=None,  # every row is seq_len tokens: no truncation
         completion_only_loss=True,
         shuffle_dataset=False,
@@ -224,44 +225,18 @@ def run(args):
         verdict = "met" if met[key] else "MISSED"
         print(f"IQLearn / SFT {key.replace('_', ' ')}: {ratio:.3f}x (target <= {TARGETS[key]:.2f}x: {verdict})")
 
+    shared = cost_record_fields(args, device, timing, memory)
+    shared["config"].update(td_coef=args.td_coef, logits_chunk_size=args.logits_chunk_size)
+    for name in TRAINERS:
+        shared["results"][name]["first_step_loss"] = losses[name][0]
     record = {
         "benchmark": "per-step wall time and peak memory: IQLearnTrainer vs SFTTrainer, same batches",
         **provenance(args.device),
         "sizes": sizes,
-        "config": {
-            "optimizer": "adamw_torch",
-            "learning_rate": 1e-4,
-            "max_grad_norm": 1.0,
-            "bf16": args.bf16,
-            "activation_checkpointing": args.activation_checkpointing,
-            "td_coef": args.td_coef,
-            "logits_chunk_size": args.logits_chunk_size,
-        },
         "step": "get_batch_samples + training_step (forward, loss, metrics, backward) + clip_grad_norm + "
         "optimizer.step + lr_scheduler.step + zero_grad",
         "timing_method": "one process, trainers alternate one step each (alternating order), warm-up steps dropped",
-        "memory_method": (
-            "cuda max_memory_allocated - memory_allocated before the step, max over timed steps"
-            if device.type == "cuda"
-            else f"fresh subprocess per trainer; ru_maxrss increase over RSS after a tiny warm-up step "
-            f"(AdamW state exists), over {args.memory_steps} full-size step(s); the median of "
-            f"{args.memory_repeats} such processes per trainer, the trainers taking turns"
-        ),
-        "results": {
-            name: {
-                "median_s": timing[name]["median_s"],
-                "iqr_s": timing[name]["iqr_s"],
-                "q1_s": timing[name]["q1_s"],
-                "q3_s": timing[name]["q3_s"],
-                "step_seconds": timing[name]["seconds"],
-                "peak_increase_mib": memory[name]["peak_increase_bytes"] / MIB,
-                "peak_increase_mib_runs": [b / MIB for b in memory[name].get("peak_increase_bytes_runs", [])],
-                "memory_baseline_mib": memory[name]["baseline_bytes"] / MIB,  # RSS on CPU, allocated on CUDA
-                "new_peak": memory[name]["new_peak"],
-                "first_step_loss": losses[name][0],
-            }
-            for name in TRAINERS
-        },
+        **shared,
         "iqlearn_first_step_nll": first_nll,
         "first_step_nll_matches_sft_loss": nll_matches,
         "ratios": {"step_time_median": time_ratio, "peak_memory_increase": mem_ratio},
@@ -288,12 +263,7 @@ def main():
     if args.quick:
         apply_quick_sizes(args)
         args.steps = 6
-    if args.output is None and not args.quick:
-        args.output = str(Path(__file__).parent / "results" / "iqlearn_cost.json")
-    if not 0 < args.prompt_len < args.seq_len:
-        parser.error("--prompt-len must be between 0 and --seq-len, exclusive")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    finish_cost_arguments(parser, args, "iqlearn_cost.json")
     if args.measure_memory:
         return measure_memory(args)
     run(args)

@@ -36,12 +36,15 @@ from pathlib import Path
 
 import torch
 from common import (
+    COST_OPTIMIZER,
     COST_OPTIONS,
     add_cost_arguments,
     apply_quick_sizes,
     build_cost_model,
     cost_plot_title,
+    cost_record_fields,
     current_rss_bytes,
+    finish_cost_arguments,
     memory_in_subprocesses,
     peak_rss_bytes,
     plot_cost,
@@ -102,9 +105,7 @@ def _config_kwargs(name: str, args, output_dir: str) -> dict:
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         max_steps=args.warmup + args.steps,
-        learning_rate=1e-4,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
+        **COST_OPTIMIZER,
         max_length=None,
         use_cpu=args.device == "cpu",
         bf16=args.bf16,
@@ -275,40 +276,17 @@ def run(args):
             f"SFTTrainer ({1000 * precompute['extra_seconds_per_row']:.1f} ms per row)"
         )
 
+    shared = cost_record_fields(args, device, timing, memory)
+    for name in names:
+        shared["results"][name]["value_state_mib"] = memory[name]["value_state_bytes"] / MIB
     record = {
         "benchmark": "per-step wall time and peak memory: ALoLTrainer vs SFTTrainer, DROTrainer vs KTOTrainer",
         **provenance(args.device),
         "sizes": sizes,
-        "config": {
-            "optimizer": "adamw_torch",
-            "learning_rate": 1e-4,
-            "max_grad_norm": 1.0,
-            "bf16": args.bf16,
-            "activation_checkpointing": args.activation_checkpointing,
-        },  # fmt: skip
         "step": "get_batch_samples + training_step (forward(s), loss, metrics, backward) + clip_grad_norm + "
         "optimizer.step + lr_scheduler.step + zero_grad",
         "timing_method": "one process, trainers take turns one step each (rotating order), warm-up steps dropped",
-        "memory_method": (
-            "cuda max_memory_allocated - memory_allocated before the step, max over timed steps"
-            if device.type == "cuda"
-            else "fresh subprocess per trainer; ru_maxrss increase over RSS after a tiny warm-up step (AdamW state "
-            f"exists), over {args.memory_steps} full-size step(s); the median of "
-            f"{args.memory_repeats} such processes per trainer, the trainers taking turns"
-        ),
-        "results": {
-            name: {
-                "median_s": timing[name]["median_s"],
-                "iqr_s": timing[name]["iqr_s"],
-                "step_seconds": timing[name]["seconds"],
-                "peak_increase_mib": mib[name],
-                "peak_increase_mib_runs": [b / MIB for b in memory[name].get("peak_increase_bytes_runs", [])],
-                "memory_baseline_mib": memory[name]["baseline_bytes"] / MIB,
-                "new_peak": memory[name]["new_peak"],
-                "value_state_mib": memory[name]["value_state_bytes"] / MIB,
-            }
-            for name in names
-        },
+        **shared,
         "ratios": ratios,
         "targets": targets,
         "alol_precompute": precompute,
@@ -331,12 +309,7 @@ def main():
     if args.quick:
         apply_quick_sizes(args)
         args.steps, args.precompute_rows = 4, 32
-    if args.output is None and not args.quick:
-        args.output = str(Path(__file__).parent / "results" / "offline_cost.json")
-    if not 0 < args.prompt_len < args.seq_len:
-        parser.error("--prompt-len must be between 0 and --seq-len, exclusive")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    finish_cost_arguments(parser, args, "offline_cost.json")
     if args.measure_memory:
         return measure_memory(args)
     run(args)
