@@ -37,15 +37,21 @@ def _naive_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_standard_rows_get_an_eos_and_split_at_the_prompt(tmp_path, tiny_model_path):
     dataset = make_scored_dataset("prompt_completion", 8)
-    trainer = ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset, eval_dataset=dataset)
+    args = _config(tmp_path, loss_type="alol_seq")  # the variant that keeps per-token reference log-probabilities
+    trainer = ALoLTrainer(tiny_model_path, args=args, train_dataset=dataset, eval_dataset=dataset)
     tokenizer = trainer.processing_class
     prepared = trainer.eval_dataset  # every row, in order
     for row, original in zip(prepared, dataset):
         assert tokenizer.decode(row["prompt_ids"]) == original["prompt"]
         assert tokenizer.decode(row["completion_ids"]) == original["completion"] + tokenizer.eos_token
-        # One reference log-probability per completion token, each a log-probability
+        # One reference log-probability per completion token, each a log-probability, and their sum
         assert len(row["ref_logps"]) == len(row["completion_ids"])
         assert all(lp < 0 for lp in row["ref_logps"])
+        assert row["ref_logp"] == pytest.approx(sum(row["ref_logps"]), abs=1e-5)
+    # The other variants keep only the sum
+    sequence_level = ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset, eval_dataset=dataset)
+    assert "ref_logps" not in sequence_level.eval_dataset.column_names
+    assert sequence_level.eval_dataset["ref_logp"] == pytest.approx(prepared["ref_logp"], abs=1e-5)
 
 
 def test_conversational_rows_split_after_the_generation_prompt(tmp_path, tiny_model_path):
@@ -63,7 +69,10 @@ def test_completions_are_truncated_to_max_length(tmp_path, tiny_model_path):
     # Prompts of 4 to 7 characters ("abc=" .. "abcdef="), so max_length=9 cuts most completions
     dataset = make_scored_dataset("prompt_completion", 12)
     trainer = ALoLTrainer(
-        tiny_model_path, args=_config(tmp_path, max_length=9), train_dataset=dataset, eval_dataset=dataset
+        tiny_model_path,
+        args=_config(tmp_path, max_length=9, loss_type="alol_seq"),
+        train_dataset=dataset,
+        eval_dataset=dataset,
     )
     tokenizer = trainer.processing_class
     truncated = 0
@@ -87,7 +96,7 @@ def test_separate_ref_model_scores_the_rows(tmp_path, tiny_model_path):
     trainer = ALoLTrainer(
         tiny_model_path,
         ref_model=ref_model,
-        args=_config(tmp_path / "out"),
+        args=_config(tmp_path / "out", loss_type="alol_seq"),
         train_dataset=make_scored_dataset("prompt_completion", 16),
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -125,18 +134,41 @@ def test_reference_is_gone_once_training_has_started(tmp_path, tiny_model_path):
             pass
 
 
-def test_map_shards_keeps_order_and_batches(tmp_path, tiny_model_path):
+def test_map_rows_keeps_order_and_batches(tmp_path, tiny_model_path):
     trainer = ALoLTrainer(
         tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
     )
     calls = []
 
-    def fn(items):
-        calls.append(list(items))
-        return [10 * i for i in items]
+    def fn(indices):
+        calls.append(list(indices))
+        return {
+            "float": torch.tensor([10.0 * i for i in indices]),  # (b,)
+            "ragged": [torch.arange(i + 1, dtype=torch.float32) for i in indices],  # one length per row
+            "text": [f"row {i}" for i in indices],
+        }
 
-    assert trainer.map_shards(range(7), fn, batch_size=3) == [0, 10, 20, 30, 40, 50, 60]
+    out = trainer.map_rows(7, fn, batch_size=3, desc="test")
     assert calls == [[0, 1, 2], [3, 4, 5], [6]]
+    assert out["float"] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert out["ragged"] == [list(map(float, range(i + 1))) for i in range(7)]
+    assert out["text"] == [f"row {i}" for i in range(7)]
+
+
+def test_map_rows_raises_what_fn_raised(tmp_path, tiny_model_path):
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 8)
+    )
+
+    def fn(indices):
+        if 4 in indices:
+            raise ValueError("row 4 is bad")
+        return {"x": torch.zeros(len(indices))}
+
+    with pytest.raises(ValueError, match="row 4 is bad"):
+        trainer.map_rows(7, fn, batch_size=2, desc="test")
+    with pytest.raises(ValueError, match="has no rows"):
+        trainer.map_rows(0, fn, batch_size=2, desc="test")
 
 
 def test_cached_columns_do_not_cache_in_memory_datasets(tmp_path, tiny_model_path):

@@ -9,13 +9,14 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import is_conversational
 from trl.data_utils import common_prefix_length
@@ -35,10 +36,13 @@ from .collator import DataCollatorForRewardedCompletions
 from .data import to_rewarded_dataset
 from .model_card import model_card_name, write_model_card
 from .offline_config import OfflineRLConfig
-from .rewards import add_reward_column, load_reward_funcs
+from .precompute import map_rows
+from .rewards import load_reward_funcs, prepare_reward_funcs, rewards_fingerprint, score_batch
 
 
 logger = logging.get_logger(__name__)
+
+PRECOMPUTE_FILE = "precompute_state.pt"  # in `output_dir` and every checkpoint: what a resume reuses
 
 
 class _LogAtTrainBegin(TrainerCallback):
@@ -106,14 +110,18 @@ class OfflineRLTrainer(BaseTrainer):
         # training step); a LoRA adapter the trainer just created starts at zero, so disabling it is the same model
         self._reference_disables_adapters = peft_config is not None and ref_model is None
 
-        self.reward_funcs, self.reward_processing_classes = None, None
+        self.reward_funcs, self.reward_processing_classes, self.reward_weights = None, None, None
         if reward_funcs is not None:
-            self.reward_funcs, self.reward_processing_classes = load_reward_funcs(
-                reward_funcs, reward_processing_classes, args.model_init_kwargs
+            self.reward_funcs, self.reward_processing_classes, self.reward_weights = prepare_reward_funcs(
+                *load_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs),
+                args.reward_weights,
+                args.device,
             )
         self._tokenizer = processing_class
-        train_dataset = self._prepare_dataset(train_dataset, args, "train")
-        eval_dataset = self._map_named(eval_dataset, lambda d, n: self._prepare_dataset(d, args, n))
+        # As TRL's trainers do: the main process prepares first, the others then load its cache files
+        with args.main_process_first(desc="dataset preparation"):
+            train_dataset = self._prepare_dataset(train_dataset, args, "train")
+            eval_dataset = self._map_named(eval_dataset, lambda d, n: self._prepare_dataset(d, args, n))
         if data_collator is None:
             data_collator = DataCollatorForRewardedCompletions(
                 processing_class.pad_token_id, pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None)
@@ -157,6 +165,9 @@ class OfflineRLTrainer(BaseTrainer):
         self.precompute_metrics: dict[str, float] = {}
         self.add_callback(_LogAtTrainBegin(self))
         self.model.add_model_tags(self._tag_names)
+        if self.reward_funcs is not None:  # scored once, each process taking its share of the rows
+            self.train_dataset = self.with_rewards(self.train_dataset, "train")
+            self.eval_dataset = self._map_named(self.eval_dataset, self.with_rewards)
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
@@ -245,15 +256,8 @@ class OfflineRLTrainer(BaseTrainer):
                     f"The {name} dataset has a 'reward' column and `reward_funcs` were given: pass one source of "
                     "rewards (drop the column or the functions)."
                 )
-            # A `label` column stays as it is: the reward functions decide the rewards
+            # A `label` column stays as it is: the reward functions decide the rewards (`with_rewards`)
             dataset = to_rewarded_dataset(dataset, requires_reward=False, name=name, num_proc=num_proc)
-            dataset = add_reward_column(
-                dataset,
-                self.reward_funcs,
-                self.reward_processing_classes,
-                args.reward_weights,
-                device=args.device,
-            )
         else:
             dataset = to_rewarded_dataset(dataset, name=name, num_proc=num_proc)
         dataset = dataset.map(
@@ -274,6 +278,11 @@ class OfflineRLTrainer(BaseTrainer):
                 desc=f"Truncating {name} completions to max_length",
             )
         return dataset
+
+    def prepare_eval_dataset(self, dataset: Dataset) -> Dataset:
+        """A dataset passed to `evaluate`, prepared like the ones given at construction."""
+        dataset = self._prepare_dataset(dataset, self.args, "eval")
+        return self.with_rewards(dataset, "eval") if self.reward_funcs is not None else dataset
 
     def _tokenize_row(self, row: dict) -> dict[str, list[int]]:
         """Prompt and completion ids; the completion starts where the tokenized prompt and prompt + completion
@@ -359,26 +368,69 @@ class OfflineRLTrainer(BaseTrainer):
             unwrapped = unwrapped.get_base_model()
         return unwrapped.base_model
 
-    def map_shards(self, items: Sequence, fn: Callable[[list], list], batch_size: int) -> list:
-        """`fn` over `items` in batches, each process taking an equal contiguous share (the last item repeated to
-        even them out, so ZeRO-3's collective forwards line up), results gathered on every process in order."""
-        items = list(items)
-        with self.accelerator.split_between_processes(items, apply_padding=True) as shard:
-            results = []
-            for start in range(0, len(shard), batch_size):
-                results += fn(shard[start : start + batch_size])
-        return gather_object(results)[: len(items)] if self.accelerator.num_processes > 1 else results
+    def map_rows(self, num_rows: int, fn: Callable[[list[int]], dict], batch_size: int, desc: str) -> dict[str, list]:
+        """`fn` over rows `0 .. num_rows - 1`, split across processes; every row's results, in order, on every process
+        (see [`trl_offline.precompute.map_rows`])."""
+        return map_rows(self.accelerator, num_rows, fn, batch_size, desc, disable_tqdm=self.args.disable_tqdm)
 
-    def reference_token_logps(self, model, batch: dict[str, torch.Tensor]) -> list[list[float]]:
-        """Per-token log-probabilities of each row's completion under `model`, from TRL's fused LM head."""
+    def with_rewards(self, dataset: Dataset, name: str) -> Dataset:
+        """`dataset` with a `reward` column from `reward_funcs`, each process scoring its share of the rows (cached
+        beside a file-backed dataset)."""
+        if "reward" in dataset.column_names:  # already scored, e.g. passed back to `evaluate`
+            return dataset
+        fingerprint = rewards_fingerprint(
+            dataset, self.reward_funcs, self.reward_processing_classes, self.reward_weights, "reward"
+        )
+        return self.cached_columns(dataset, fingerprint, lambda: {"reward": self.reward_funcs_scores(dataset, name)})
+
+    def reward_funcs_scores(self, dataset: Dataset, name: str) -> list[float]:
+        """The `reward_funcs` score of every row of `dataset` (`prompt`, `completion` and the other columns)."""
+        text_columns = [c for c in dataset.column_names if c not in ("prompt_ids", "completion_ids")]
+        rows = dataset.select_columns(text_columns)
+
+        def score(indices: list[int]) -> dict[str, torch.Tensor]:
+            rewards = score_batch(
+                rows[indices],
+                indices[0],
+                self.reward_funcs,
+                self.reward_processing_classes,
+                self.reward_weights,
+                self.args.device,
+            )
+            return {"reward": torch.tensor(rewards, dtype=torch.float64)}
+
+        return self.map_rows(len(rows), score, self._reward_batch_size(), f"Scoring the {name} rows")["reward"]
+
+    def _reward_batch_size(self) -> int:
+        return self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+
+    def reference_forward(self, model, batch: dict[str, torch.Tensor], hidden_states: bool = False):
+        """Per-token log-probabilities `(B, T - 1)` of each row's completion under `model` (TRL's fused LM head;
+        zero off the completion) and their mask; with `hidden_states`, also the last hidden states `(B, T, H)` of the
+        same forward, captured from the transformer body (so prompt features cost no second pass)."""
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        logps = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
-        ).log_probs  # (B, T - 1)
+        captured = []
+        hook = None
+        if hidden_states:
+            hook = self.backbone(model).register_forward_hook(
+                lambda module, args, output: captured.append(output.last_hidden_state)
+            )
+        try:
+            logps = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                fused_lm_head=True,
+            ).log_probs  # (B, T - 1)
+        finally:
+            if hook is not None:
+                hook.remove()
         logps = logps[:, -(batch["input_ids"].shape[1] - 1) :]  # prompt-learning PEFT prepends virtual tokens
-        mask = batch["completion_mask"][:, 1:].bool()  # (B, T - 1)
-        return [row[m].float().cpu().tolist() for row, m in zip(logps, mask)]
+        mask = batch["completion_mask"][:, 1:]  # (B, T - 1)
+        if not hidden_states:
+            return logps.float(), mask
+        return logps.float(), mask, captured[-1][:, -batch["input_ids"].shape[1] :]  # (B, T, H)
 
     def cached_columns(
         self,
@@ -418,6 +470,40 @@ class OfflineRLTrainer(BaseTrainer):
             cached = Dataset.from_dict(columns)
         drop = [c for c in cached.column_names if c in dataset.column_names]
         return concatenate_datasets([dataset.remove_columns(drop), cached], axis=1)
+
+    # -- what a resume reuses ----------------------------------------------------------------------------------------
+
+    def precompute_state(self) -> dict:
+        """What the precompute decided and training depends on (e.g. A-LoL's value head and rows, DRO's reward
+        statistics), saved in `output_dir` and every checkpoint; a resume reuses it rather than computing it again,
+        which on a GPU is not bit for bit the same. Tensors, numbers and strings only."""
+        return {}
+
+    def load_precompute_state(self, state: dict) -> None:
+        """Puts back what `precompute_state` returned."""
+
+    def data_fingerprint(self, dataset: Dataset) -> str:
+        """A hash of the rows the precompute read (their tokens, and their rewards unless `reward_funcs` computed
+        them), the same in every run on the same data, in memory or not: a resume checks it before it reuses a
+        checkpoint's precompute state."""
+        rewards = list(dataset["reward"]) if self.reward_funcs is None else None
+        return Hasher.hash((list(dataset["prompt_ids"]), list(dataset["completion_ids"]), rewards))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        path = os.path.join(checkpoint, PRECOMPUTE_FILE) if isinstance(checkpoint, str) else None
+        if path is not None and os.path.isfile(path):
+            self.load_precompute_state(torch.load(path, map_location="cpu", weights_only=True))
+            logger.info(f"Resuming with the precompute state of {checkpoint}.")
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        state = self.precompute_state()
+        if state and self.args.should_save:
+            torch.save(state, os.path.join(output_dir or self.args.output_dir, PRECOMPUTE_FILE))
 
     # -- logging and saving ------------------------------------------------------------------------------------------
 

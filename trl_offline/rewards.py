@@ -138,10 +138,11 @@ def _as_reward(value, name: str, row: int) -> float:
     return float(value)
 
 
-def _score_batch(
+def score_batch(
     batch: dict[str, list], first_row: int, reward_funcs: list, reward_processing_classes: list, weights: list, device
 ) -> list[float]:
-    """Weighted sum of the rewards of every function for the rows of `batch`, rows `first_row` on."""
+    """Weighted sum of the rewards of every function for the rows of `batch` (columns to lists), rows `first_row` on
+    (for the error messages). `reward_funcs` as [`load_reward_funcs`] returns them; `weights` one float per function."""
     prompts, completions = batch["prompt"], batch["completion"]
     columns = {key: value for key, value in batch.items() if key not in ("prompt", "completion")}
     # NaN where a function does not apply to a row. float64 keeps the callables' rewards exact
@@ -166,14 +167,9 @@ def _score_batch(
     return (rewards_per_func * torch.tensor(weights, dtype=torch.float64)).nansum(dim=1).tolist()  # (B,)
 
 
-def _prepare(dataset: Dataset, reward_funcs, reward_processing_classes, reward_weights, device):
-    """Check the dataset and the weights, load the reward functions, and put the models in eval mode on `device`."""
-    missing = [column for column in ("prompt", "completion") if column not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"Computing rewards needs 'prompt' and 'completion' columns; the dataset has {dataset.column_names}, "
-            f"missing {missing}."
-        )
+def prepare_reward_funcs(reward_funcs, reward_processing_classes, reward_weights, device):
+    """Load the reward functions, check the weights (one per function, 1.0 each by default), and put the models in
+    eval mode on `device`; returns what [`score_batch`] takes."""
     reward_funcs, reward_processing_classes = load_reward_funcs(reward_funcs, reward_processing_classes)
     weights = [1.0] * len(reward_funcs) if reward_weights is None else [float(w) for w in reward_weights]
     if len(weights) != len(reward_funcs):
@@ -186,6 +182,16 @@ def _prepare(dataset: Dataset, reward_funcs, reward_processing_classes, reward_w
             if device is not None:
                 reward_func.to(device)
     return reward_funcs, reward_processing_classes, weights
+
+
+def _prepare(dataset: Dataset, reward_funcs, reward_processing_classes, reward_weights, device):
+    missing = [column for column in ("prompt", "completion") if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"Computing rewards needs 'prompt' and 'completion' columns; the dataset has {dataset.column_names}, "
+            f"missing {missing}."
+        )
+    return prepare_reward_funcs(reward_funcs, reward_processing_classes, reward_weights, device)
 
 
 def compute_rewards(
@@ -218,11 +224,11 @@ def compute_rewards(
     )
     rewards = []
     for batch in dataset.iter(batch_size=batch_size):
-        rewards += _score_batch(batch, len(rewards), reward_funcs, reward_processing_classes, weights, device)
+        rewards += score_batch(batch, len(rewards), reward_funcs, reward_processing_classes, weights, device)
     return rewards
 
 
-def _rewards_fingerprint(dataset: Dataset, reward_funcs: list, reward_processing_classes: list, weights, column):
+def rewards_fingerprint(dataset: Dataset, reward_funcs: list, reward_processing_classes: list, weights, column):
     """Fingerprint of `dataset` with its rewards added, the same for the same inputs so `datasets` reuses its cache.
 
     Callables are hashed as `datasets` hashes a `map` function (an importable function by its name, a lambda or a
@@ -272,13 +278,13 @@ def add_reward_column(
     )
 
     def add_rewards(batch: dict[str, list], indices: list[int]) -> dict[str, list[float]]:
-        return {column: _score_batch(batch, indices[0], reward_funcs, reward_processing_classes, weights, device)}
+        return {column: score_batch(batch, indices[0], reward_funcs, reward_processing_classes, weights, device)}
 
     return dataset.map(
         add_rewards,
         batched=True,
         batch_size=batch_size,
         with_indices=True,
-        new_fingerprint=_rewards_fingerprint(dataset, reward_funcs, reward_processing_classes, weights, column),
+        new_fingerprint=rewards_fingerprint(dataset, reward_funcs, reward_processing_classes, weights, column),
         desc="Computing rewards",
     )

@@ -12,7 +12,7 @@ DRO's value `V(x)` (Richemond et al. 2024, arXiv 2405.19107) is trained jointly 
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,38 +138,67 @@ class ValueFit:
     history: list[dict]  # per epoch: epoch, train_mse, val_mse
 
 
-def _check_inputs(features: Sequence[torch.Tensor], targets: torch.Tensor, val_fraction: float) -> None:
-    if len(features) == 0:
+class _HeldFeatures:
+    """Row-id access to the features a process holds: every row of a sequence, or the rows of a [`FeatureStore`]."""
+
+    def __init__(self, features):
+        self._features = features
+        self.is_store = hasattr(features, "rows")
+        self.rows = features.rows if self.is_store else list(range(len(features)))
+        self._held = set(self.rows)
+
+    def __contains__(self, row: int) -> bool:
+        return row in self._held
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return self._features[row]
+
+
+def _check_inputs(held: _HeldFeatures, targets: torch.Tensor, val_fraction: float, hidden_size: int | None) -> int:
+    """Checks the targets and the features this process holds; returns the hidden size."""
+    if not held.rows and hidden_size is None:
         raise ValueError("fit_value_head got no prompts: `features` is empty.")
-    if targets.dim() != 1 or targets.shape[0] != len(features):
+    whole = not held.is_store  # a sequence holds every row: one feature per target
+    if targets.dim() != 1 or (whole and targets.shape[0] != len(held.rows)) or targets.shape[0] == 0:
         raise ValueError(
-            f"fit_value_head needs one target per prompt: got {len(features)} feature tensors and targets of shape "
+            f"fit_value_head needs one target per prompt: got {len(held.rows)} feature tensors and targets of shape "
             f"{tuple(targets.shape)}."
+        )
+    outside = [row for row in held.rows if not 0 <= row < targets.shape[0]]
+    if outside:
+        raise ValueError(
+            f"fit_value_head needs one target per prompt: features of rows {outside[:10]} have no target among "
+            f"{targets.shape[0]}."
         )
     bad = (~torch.isfinite(targets)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"Targets must be finite; rows {bad[:10]} are not (first: {targets[bad[0]].item()}).")
-    hidden_size = features[0].shape[-1]
-    for i, f in enumerate(features):
+    hidden_size = hidden_size if hidden_size is not None else held[held.rows[0]].shape[-1]
+    for row in held.rows:
+        f = held[row]
         if f.dim() != 2 or f.shape[0] == 0:
-            raise ValueError(f"Features of row {i} must have shape (T, H) with T >= 1, got {tuple(f.shape)}.")
+            raise ValueError(f"Features of row {row} must have shape (T, H) with T >= 1, got {tuple(f.shape)}.")
         if f.shape[1] != hidden_size:
             raise ValueError(
-                f"All features must have the same hidden size: row 0 has {hidden_size}, row {i} has {f.shape[1]}."
+                f"All features must have the same hidden size: expected {hidden_size}, row {row} has {f.shape[1]}."
             )
         if not bool(torch.isfinite(f).all()):
-            raise ValueError(f"Features of row {i} contain non-finite values.")
+            raise ValueError(f"Features of row {row} contain non-finite values.")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    return hidden_size
 
 
-def _mse(head: AttentionPoolingValueHead, features: list[torch.Tensor], targets: torch.Tensor, batch_size: int):
-    predictions = predict_values(head, features, batch_size=batch_size).double()  # (n,)
-    return (predictions - targets.double()).square().mean().item()
+def _mean_squared_error(head, held: _HeldFeatures, rows: list[int], targets: torch.Tensor, batch_size: int, reduce):
+    """The mean squared error of `head` over `rows` (all processes together): each process sums the rows it holds."""
+    local = [row for row in rows if row in held]
+    predictions = predict_values(head, [held[row] for row in local], batch_size=batch_size).double()  # (n_local,)
+    total = (predictions - targets[local].double()).square().sum()
+    return reduce(total.to(head.target_mean.device)).item() / len(rows)
 
 
 def fit_value_head(
-    features: Sequence[torch.Tensor],
+    features,
     targets: torch.Tensor,
     *,
     num_heads: int = 8,
@@ -180,6 +209,8 @@ def fit_value_head(
     val_fraction: float = 0.1,
     seed: int = 0,
     device: torch.device | str | None = None,
+    hidden_size: int | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ValueFit:
     """Fits an `AttentionPoolingValueHead` to `targets` by MSE, with AdamW, keeping the epoch with the lowest
     validation MSE.
@@ -192,26 +223,35 @@ def fit_value_head(
     The split, the initialisation and the batch order depend only on `seed` (bit for bit on the CPU), and the global
     RNG state is left as it was. `device` defaults to that of the first feature tensor.
 
+    Data-parallel fitting: with `all_reduce` (a sum over processes), each process passes only the features it holds
+    (a [`FeatureStore`] or any object with `rows` and `store[row]`) and every target. Every process then takes the
+    same steps on the same global batches, each computing the squared errors of its own rows of a batch, and the
+    summed gradients are divided by the global batch size: the same fit, up to the order of float additions, on any
+    number of processes, with no process holding more than its share of the features.
+
     Args:
-        features (sequence of `torch.Tensor` of shape `(T_i, H)`): one per prompt, its last hidden states.
+        features (sequence of `torch.Tensor` of shape `(T_i, H)`, or a store of some rows): one per prompt, its last
+            hidden states.
         targets (`torch.Tensor` of shape `(N,)`): the value to regress, e.g. the reward of the reference's response.
+        hidden_size (`int`, *optional*): needed when this process holds no feature.
 
     Returns:
         `ValueFit`, whose head (on `device`, in eval mode) carries the training targets' mean and standard deviation.
     """
     targets = torch.as_tensor(targets).detach().cpu().float()  # (N,)
-    _check_inputs(features, targets, val_fraction)
+    held = _HeldFeatures(features)
+    hidden_size = _check_inputs(held, targets, val_fraction, hidden_size)
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}.")
-    features = [f.detach() for f in features]
-    device = torch.device(device) if device is not None else features[0].device
-    n = len(features)
+    reduce = all_reduce if all_reduce is not None else (lambda tensor: tensor)
+    device = torch.device(device) if device is not None else held[held.rows[0]].device if held.rows else "cpu"
+    device = torch.device(device)
+    n = targets.shape[0]
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).tolist()
     num_val = min(max(1, round(val_fraction * n)), n - 1) if val_fraction > 0 else 0
     train_rows = order[num_val:]
     val_rows = order[:num_val] or train_rows
-    train_features, val_features = [features[i] for i in train_rows], [features[i] for i in val_rows]
     train_targets, val_targets = targets[train_rows], targets[val_rows]  # (n_train,), (n_val,)
 
     cuda_devices = (
@@ -219,27 +259,38 @@ def fit_value_head(
     )
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        head = AttentionPoolingValueHead(features[0].shape[1], num_heads=num_heads).to(device)
+        head = AttentionPoolingValueHead(hidden_size, num_heads=num_heads).to(device)
         mean, std = train_targets.mean().item(), train_targets.std(unbiased=False).item()
         std = std if std > 1e-12 else 1.0  # constant targets: nothing to scale
         head.target_mean.fill_(mean)
         head.target_std.fill_(std)
         # The loss is on the standardised scale, so the learning rate means the same for rewards of any scale
-        standardised_targets = ((train_targets - mean) / std).to(device)  # (n_train,)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        standardised_targets = ((targets - mean) / std).to(device)  # (N,)
+        parameters = list(head.parameters())
+        for parameter in parameters:  # a process may hold no row of a batch: its gradient is then zero, not None
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
 
         history, best_state, best_epoch = [], None, 0
         for epoch in range(1, epochs + 1):
             head.train()
             for batch in torch.randperm(len(train_rows), generator=generator).split(batch_size):
-                hidden_states, attention_mask = pad_features([train_features[i] for i in batch], device)
-                predictions = head.standardised_value(hidden_states, attention_mask)  # (b,)
-                loss = torch.nn.functional.mse_loss(predictions, standardised_targets[batch.to(device)])
-                optimizer.zero_grad()
-                loss.backward()
+                rows = [train_rows[i] for i in batch.tolist()]
+                local = [row for row in rows if row in held]
+                optimizer.zero_grad(set_to_none=False)
+                if local:
+                    hidden_states, attention_mask = pad_features([held[row] for row in local], device)
+                    predictions = head.standardised_value(hidden_states, attention_mask)  # (b_local,)
+                    (predictions - standardised_targets[local]).square().sum().backward()
+                # The mean over the global batch: every process's sum of squares, added up, over the batch size
+                gradient = reduce(torch.cat([p.grad.flatten() for p in parameters])) / len(rows)
+                offset = 0
+                for parameter in parameters:
+                    parameter.grad.copy_(gradient[offset : offset + parameter.numel()].view_as(parameter))
+                    offset += parameter.numel()
                 optimizer.step()
-            train_mse = _mse(head, train_features, train_targets, batch_size)
-            val_mse = _mse(head, val_features, val_targets, batch_size)
+            train_mse = _mean_squared_error(head, held, train_rows, targets, batch_size, reduce)
+            val_mse = _mean_squared_error(head, held, val_rows, targets, batch_size, reduce)
             history.append({"epoch": epoch, "train_mse": train_mse, "val_mse": val_mse})
             if math.isfinite(val_mse) and (best_state is None or val_mse < history[best_epoch - 1]["val_mse"]):
                 best_state, best_epoch = copy.deepcopy(head.state_dict()), epoch

@@ -39,15 +39,17 @@ def naive_token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def naive_alol_loss(logps, ref_logps, mask, advantages, loss_type, clip_epsilon, kl_coef) -> torch.Tensor:
-    """The batch loss as DESIGN.md states it, one row at a time."""
+    """The batch loss as DESIGN.md states it, one row at a time; `ref_logps` per token `(B, T)`, or for the
+    sequence-level variants the sequence log-probabilities `(B,)`."""
     low, high = 1 - clip_epsilon, 1 + clip_epsilon
     rows = []
     for b in range(logps.shape[0]):
         tokens = mask[b].bool()
-        lp, ref, a_plus = logps[b][tokens], ref_logps[b][tokens], max(float(advantages[b]), 0.0)
+        lp, a_plus = logps[b][tokens], max(float(advantages[b]), 0.0)
+        ref = ref_logps[b] if ref_logps.dim() == 1 else ref_logps[b][tokens]  # summed below either way
         nll = -lp.sum()
         if loss_type == "alol":
-            weight = min(max(math.exp(float((lp.detach() - ref).sum())), low), high)
+            weight = min(max(math.exp(float(lp.detach().sum() - ref.sum())), low), high)
             rows.append(a_plus * weight * nll)
         elif loss_type == "alol_seq":
             weights = torch.tensor([min(max(math.exp(float(d)), low), high) for d in (lp.detach() - ref)])
@@ -55,8 +57,24 @@ def naive_alol_loss(logps, ref_logps, mask, advantages, loss_type, clip_epsilon,
         elif loss_type == "alol_ref_free":
             rows.append(a_plus * nll)
         else:  # alol_kl, on the rows A-LoL trains on
-            rows.append(a_plus * nll + (kl_coef * (lp - ref).sum() if advantages[b] > 0 else 0.0))
+            rows.append(a_plus * nll + (kl_coef * (lp.sum() - ref.sum()) if advantages[b] > 0 else 0.0))
     return torch.stack(rows).mean()
+
+
+def reference_logps(batch) -> torch.Tensor:
+    """What the trainer stored of the reference: per token `(B, T - 1)` for "alol_seq", else per sequence `(B,)`."""
+    return batch["ref_logps"] if "ref_logps" in batch else batch["ref_logp"]
+
+
+def assert_reference_is(batch, token_logps, mask) -> None:
+    """The stored reference log-probabilities equal `token_logps` (per token, or their sums over the completion)."""
+    if "ref_logps" in batch:
+        torch.testing.assert_close(
+            batch["ref_logps"], token_logps.detach().to(batch["ref_logps"].dtype), rtol=0, atol=1e-5
+        )
+    else:
+        sums = (token_logps.detach() * mask).sum(-1).to(batch["ref_logp"].dtype)
+        torch.testing.assert_close(batch["ref_logp"], sums, rtol=0, atol=1e-4)
 
 
 def _value(trainer, prompt_ids: list[int]) -> float:
@@ -117,10 +135,11 @@ def test_loss_at_initialisation_matches_naive_full_logits_computation(tmp_path, 
     batch = first_batch(trainer)
     logps, mask = naive_token_logps(trainer.model, batch)
     # Before training the policy is the reference: the stored reference log-probabilities are the policy's, in place
-    torch.testing.assert_close(batch["ref_logps"], logps.detach(), rtol=0, atol=1e-5)
+    assert ("ref_logps" in batch) == (loss_type == "alol_seq")  # per token only where the variant needs them
+    assert_reference_is(batch, logps, mask)
 
     loss = trainer.compute_loss(trainer.model, batch)
-    expected = naive_alol_loss(logps, batch["ref_logps"], mask, batch["advantage"], loss_type, 0.2, 0.3)
+    expected = naive_alol_loss(logps, reference_logps(batch), mask, batch["advantage"], loss_type, 0.2, 0.3)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     # Every weight is 1 and every KL term 0: all variants reduce to mean(A+ * NLL)
     plain = (batch["advantage"].clamp(min=0) * -(logps * mask).sum(-1)).mean()
@@ -147,13 +166,13 @@ def test_loss_after_the_policy_moved_matches_naive_computation(tmp_path, tiny_mo
         head = trainer.model.lm_head.weight
         head.add_(0.1 * torch.randn(head.shape, generator=generator))
     logps, mask = naive_token_logps(trainer.model, batch)
-    log_ratio = ((logps.detach() - batch["ref_logps"]) * mask).sum(-1)  # (B,)
+    log_ratio = (logps.detach() * mask).sum(-1) - batch["ref_logp"]  # (B,)
     assert log_ratio.abs().max() > 0.2  # far enough to clip some weights at 1 +- 0.1
 
     trainer.model.train()  # metrics go to the mode of the model
     trainer._metric_totals["train"].clear()
     loss = trainer.compute_loss(trainer.model, batch)
-    expected = naive_alol_loss(logps, batch["ref_logps"], mask, batch["advantage"], loss_type, 0.1, 0.3)
+    expected = naive_alol_loss(logps, reference_logps(batch), mask, batch["advantage"], loss_type, 0.1, 0.3)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     parameters = list(trainer.model.parameters())
     for got, want in zip(torch.autograd.grad(loss, parameters), torch.autograd.grad(expected, parameters)):
@@ -358,8 +377,8 @@ def test_peft_trains_only_the_adapters(tmp_path, tiny_model_path):
     batch = first_batch(trainer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     with torch.no_grad():
-        base_logps, _ = naive_token_logps(base, batch)
-    torch.testing.assert_close(batch["ref_logps"], base_logps, rtol=0, atol=1e-5)
+        base_logps, mask = naive_token_logps(base, batch)
+    assert_reference_is(batch, base_logps, mask)
 
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
@@ -497,7 +516,7 @@ def test_reference_passes_are_cached_beside_a_file_backed_dataset(tmp_path, tiny
 
     second = ALoLTrainer(tiny_model_path, args=_config(tmp_path / "b"), train_dataset=dataset)
     assert second.precompute_metrics == {**first.precompute_metrics, "cache/mark": 1.0}
-    for column in ("prompt", "completion", "reward", "ref_logps", "value", "advantage"):
+    for column in ("prompt", "completion", "reward", "ref_logp", "value", "advantage"):
         assert second.train_dataset[column] == first.train_dataset[column], column
     first_head, second_head = first.value_head.state_dict(), second.value_head.state_dict()
     assert all(torch.equal(first_head[k].cpu(), second_head[k].cpu()) for k in first_head)
@@ -509,7 +528,7 @@ def test_reference_passes_are_cached_beside_a_file_backed_dataset(tmp_path, tiny
     other = build_tiny_model(str(tmp_path / "other"), seed=1)
     fourth = ALoLTrainer(other, args=_config(tmp_path / "d"), train_dataset=dataset)
     assert "cache/mark" not in fourth.precompute_metrics
-    assert fourth.train_dataset["ref_logps"] != first.train_dataset["ref_logps"]
+    assert fourth.train_dataset["ref_logp"] != first.train_dataset["ref_logp"]
     # The same checkpoint with other weights (same name, same tokenizer) is another model too
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     changed = AutoModelForCausalLM.from_pretrained(tiny_model_path)
@@ -602,3 +621,46 @@ def test_gradient_accumulation_gives_the_update_of_the_larger_batch(tmp_path, ti
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
         moved += not torch.equal(p, start[name])
     assert moved > 0
+
+
+# -- resuming ---------------------------------------------------------------------------------------------------------
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_resume_reuses_the_value_head_and_rows_of_the_run(tmp_path, pretrained_tiny_model_path):
+    # An in-memory dataset: nothing is cached, so the resumed trainer computes its precompute again. Here the new fit
+    # is made to differ (another value learning rate), as a fit on a GPU may in its last bits: the resume must go on
+    # with the checkpoint's value head and rows, and end where the uninterrupted run ended
+    dataset = make_scored_dataset("prompt_completion", 96, seed=3)
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, value_num_prompts=32, value_num_epochs=5)
+    full = ALoLTrainer(pretrained_tiny_model_path, args=_config(tmp_path / "full", **common), train_dataset=dataset)
+    full.train()
+    saved = torch.load(tmp_path / "full" / "checkpoint-2" / "precompute_state.pt", weights_only=True)
+    assert saved["positive_rows"].tolist() == full._positive_rows
+    full.save_model()
+    assert (tmp_path / "full" / "precompute_state.pt").is_file()  # beside the final model too
+
+    args = _config(tmp_path / "resumed", **common, value_learning_rate=3e-2)
+    resumed = ALoLTrainer(pretrained_tiny_model_path, args=args, train_dataset=dataset)
+    assert resumed._positive_rows != full._positive_rows  # without the checkpoint's state, other rows
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed._positive_rows == full._positive_rows
+    assert resumed.train_dataset["advantage"] == pytest.approx(list(full.train_dataset["advantage"]), abs=1e-6)
+    full_weights, resumed_weights = _weights(full.model), _weights(resumed.model)
+    assert all(torch.equal(resumed_weights[name], weight) for name, weight in full_weights.items())
+
+
+def test_resume_on_other_rows_keeps_what_was_computed_now(tmp_path, tiny_model_path, caplog):
+    trainer = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 16)
+    )
+    state = trainer.precompute_state()
+    other = ALoLTrainer(
+        tiny_model_path, args=_config(tmp_path), train_dataset=make_scored_dataset("prompt_completion", 16, seed=1)
+    )
+    rows = other._positive_rows
+    other.load_precompute_state(state)
+    assert "other training rows" in caplog.text and other._positive_rows == rows

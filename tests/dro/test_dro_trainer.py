@@ -511,3 +511,21 @@ def test_value_learning_rate_with_a_deepspeed_optimizer_is_refused(tmp_path, tin
     )
     assert result.returncode != 0
     assert "`value_learning_rate` needs the trainer's optimizer" in result.stderr
+
+
+def test_checkpoints_keep_the_reward_statistics_and_a_resume_reuses_them(tmp_path, tiny_model_path):
+    args = _config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = DROTrainer(tiny_model_path, args=args, train_dataset=_labelled(16))
+    trainer.train()
+    state = torch.load(tmp_path / "checkpoint-1" / "precompute_state.pt", weights_only=True)
+    assert (state["reward_shift"], state["reward_scale"]) == (trainer.reward_shift, trainer.reward_scale)
+
+    # The statistics of the run being resumed win over those computed again (a reward model on a GPU may score the
+    # rows differently in the last bits), and the rewards are standardised with them
+    state["reward_shift"], state["reward_scale"] = 0.5, 0.25
+    torch.save(state, tmp_path / "checkpoint-1" / "precompute_state.pt")
+    resumed = DROTrainer(tiny_model_path, args=_config(tmp_path / "resumed", max_steps=2), train_dataset=_labelled(16))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert (resumed.reward_shift, resumed.reward_scale) == (0.5, 0.25)
+    labels = _labelled(16)["label"]
+    assert resumed.train_dataset["reward"] == pytest.approx([(float(label) - 0.5) / 0.25 for label in labels])

@@ -45,6 +45,25 @@ def test_loss_and_gradient_match_hand_computed_values(variant):
     torch.testing.assert_close(metrics["kl"], torch.tensor([0.1, -0.5], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("variant", ["alol", "alol_ref_free", "alol_kl"])
+def test_sequence_reference_log_probs_give_the_same_loss_and_gradient(variant):
+    # The reference's sequence log-probabilities: row 0 -1.2 - 0.4 = -1.6, row 1 -3.0
+    logps, _, mask, advantages = _inputs()
+    ref_sums = torch.tensor([-1.6, -3.0], dtype=torch.float64)
+    loss, metrics = alol_loss(logps, ref_sums, mask, advantages, variant=variant, clip_epsilon=0.9, kl_coef=0.5)
+    expected_loss, expected_grad = EXPECTED[variant]
+    torch.testing.assert_close(loss, torch.tensor([expected_loss, 0.0], dtype=torch.float64))
+    loss.sum().backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([expected_grad, [0.0, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(metrics["kl"], torch.tensor([0.1, -0.5], dtype=torch.float64))
+
+
+def test_per_token_variant_refuses_sequence_reference_log_probs():
+    logps, _, mask, advantages = _inputs()
+    with pytest.raises(ValueError, match="'alol_seq' needs per-token"):
+        alol_loss(logps, torch.tensor([-1.6, -3.0]), mask, advantages, variant="alol_seq")
+
+
 def test_importance_weights_are_clipped_and_reported():
     logps, ref_logps, mask, advantages = _inputs()
     # eps = 0.05: e^0.1 = 1.105 is clamped to 1.05; row 1's e^-0.5 = 0.607 to 0.95

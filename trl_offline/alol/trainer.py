@@ -6,11 +6,13 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from transformers.utils import logging
+from trl.models import unwrap_model_for_generation
 
 from .._trl_compat import pad
+from ..feature_store import FeatureStore
 from ..losses import alol_loss
 from ..offline_trainer import OfflineRLTrainer
-from ..rewards import compute_rewards
+from ..precompute import shard_batches
 from ..value import AttentionPoolingValueHead, fit_value_head
 from .config import ALoLConfig
 from .sampler import PriorityAdvantageSampler, positive_advantage_indices
@@ -19,7 +21,16 @@ from .sampler import PriorityAdvantageSampler, positive_advantage_indices
 logger = logging.get_logger(__name__)
 
 # Columns of a row that describe its completion, not its prompt: not passed to reward functions scoring a new one
-_COMPLETION_COLUMNS = {"completion", "completion_ids", "reward", "label", "ref_logps", "value", "advantage"}
+_COMPLETION_COLUMNS = {
+    "completion",
+    "completion_ids",
+    "reward",
+    "label",
+    "ref_logp",
+    "ref_logps",
+    "value",
+    "advantage",
+}
 
 
 class ALoLTrainer(OfflineRLTrainer):
@@ -95,23 +106,55 @@ class ALoLTrainer(OfflineRLTrainer):
         )
         self.value_head: AttentionPoolingValueHead | None = None
         train = self.train_dataset
-        train = self.cached_columns(
+        self._scored_train = self.cached_columns(
             train,
             self.reference_cache_key(train, self._value_settings(), "alol-train"),
             lambda: self._fit_value_and_score(train),
             save_state=lambda path: torch.save(self.value_head.state_dict(), path),
             load_state=self._load_value_head,
         )
-        positive = positive_advantage_indices(train["advantage"])  # raises when no row has A > 0
-        self.precompute_metrics["advantage/positive_fraction"] = len(positive) / len(train)
-        logger.info(
-            f"A-LoL trains on {len(positive)} of {len(train)} rows ({len(positive) / len(train):.1%}): those whose "
-            "reward beats the reference's value."
-        )
-        self.train_dataset = train.select(positive)
+        self._train_fingerprint = self.data_fingerprint(self._scored_train)
+        self._select_positive_rows(positive_advantage_indices(self._scored_train["advantage"]))
         if self.eval_dataset is not None:
             self.eval_dataset = self._map_named(self.eval_dataset, self._score_eval)
         self.release_reference_engine()
+
+    def _select_positive_rows(self, positive: list[int]) -> None:
+        scored = self._scored_train
+        self.precompute_metrics["advantage/positive_fraction"] = len(positive) / len(scored)
+        logger.info(
+            f"A-LoL trains on {len(positive)} of {len(scored)} rows ({len(positive) / len(scored):.1%}): those whose "
+            "reward beats the reference's value."
+        )
+        self._positive_rows = positive
+        self.train_dataset = scored.select(positive)
+
+    def precompute_state(self) -> dict:
+        return {
+            "data_fingerprint": self._train_fingerprint,
+            "value_head": {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
+            "value": torch.tensor(list(self._scored_train["value"]), dtype=torch.float64),
+            "positive_rows": torch.tensor(self._positive_rows, dtype=torch.long),
+            "metrics": dict(self.precompute_metrics),
+        }
+
+    def load_precompute_state(self, state: dict) -> None:
+        """The value head, values and rows of the run being resumed, so that it goes on with the rows it started with
+        (a new fit, on a GPU, can differ in the last bits and move rows across `A = 0`)."""
+        if state["data_fingerprint"] != self._train_fingerprint:
+            logger.warning(
+                "The checkpoint's A-LoL precompute was made on other training rows or rewards: it is not reused, and "
+                "training goes on with the value head and rows computed now."
+            )
+            return
+        self._load_value_head(state["value_head"])
+        values = state["value"].tolist()
+        rewards = self._scored_train["reward"]
+        scored = self._scored_train.remove_columns(["value", "advantage"])
+        scored = scored.add_column("value", values).add_column("advantage", [r - v for r, v in zip(rewards, values)])
+        self._scored_train = scored
+        self.precompute_metrics.update(state["metrics"])
+        self._select_positive_rows(state["positive_rows"].tolist())
 
     # -- before training ---------------------------------------------------------------------------------------------
 
@@ -159,19 +202,22 @@ class ALoLTrainer(OfflineRLTrainer):
                 "reference's greedy generations). Pass `reward_funcs` for the paper's recipe."
             )
             targets = prompts["reward"]
-        features = self.map_shards(prompts["prompt_ids"], self._prompt_features, batch_size)
-        fit = fit_value_head(
-            features,
-            torch.tensor(targets, dtype=torch.float32),
-            num_heads=self.args.value_num_heads,
-            epochs=self.args.value_num_epochs,
-            learning_rate=self.args.value_learning_rate,
-            batch_size=self.args.value_batch_size,
-            val_fraction=self.args.value_validation_fraction,
-            seed=self.args.seed,
-            device=self.accelerator.device,
-        )
-        # Fits on GPUs may differ in the last bits between processes; every process uses the first one's
+        hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
+        with self._prompt_features(list(prompts["prompt_ids"]), batch_size) as features:
+            fit = fit_value_head(
+                features,  # this process's share of the prompts, on disk
+                torch.tensor(targets, dtype=torch.float32),
+                num_heads=self.args.value_num_heads,
+                epochs=self.args.value_num_epochs,
+                learning_rate=self.args.value_learning_rate,
+                batch_size=self.args.value_batch_size,
+                val_fraction=self.args.value_validation_fraction,
+                seed=self.args.seed,
+                device=self.accelerator.device,
+                hidden_size=hidden_size,
+                all_reduce=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
+            )
+        # Every process took the same steps; on GPUs the last bits may still differ, so all use the first one's head
         state = broadcast_object_list([{k: v.cpu() for k, v in fit.head.state_dict().items()}], from_process=0)[0]
         fit.head.load_state_dict(state)
         self.value_head = fit.head
@@ -189,39 +235,46 @@ class ALoLTrainer(OfflineRLTrainer):
             f"Value head fit on {len(rows)} prompts: train MSE {fit.train_mse:.4g}, validation MSE {fit.val_mse:.4g}, "
             f"explained variance {fit.explained_variance:.3f} (epoch {fit.best_epoch})."
         )
-        return self._score_rows(dataset, batch_size)
+        return self._score_rows(dataset, batch_size, "train")
 
-    def _load_value_head(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def _load_value_head(self, state: str | dict) -> None:
+        if isinstance(state, str):
+            state = torch.load(state, map_location="cpu", weights_only=True)
         hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
         self.value_head = AttentionPoolingValueHead(hidden_size, num_heads=self.args.value_num_heads)
         self.value_head.load_state_dict(state)
         self.value_head.eval()
 
     def _score_eval(self, dataset: Dataset, name: str) -> Dataset:
-        fingerprint = Hasher.hash((dataset._fingerprint, self.train_dataset._fingerprint, name, "alol-eval"))
-        return self.cached_columns(dataset, fingerprint, lambda: self._score_rows(dataset, self._batch_size("eval")))
+        fingerprint = Hasher.hash((dataset._fingerprint, self._scored_train._fingerprint, name, "alol-eval"))
+        return self.cached_columns(
+            dataset, fingerprint, lambda: self._score_rows(dataset, self._batch_size("eval"), name)
+        )
 
-    def _score_rows(self, dataset: Dataset, batch_size: int) -> dict[str, list]:
-        """Reference per-token log-probabilities, `V_ref(x)` and `A = R - V_ref(x)` of every row."""
+    def _score_rows(self, dataset: Dataset, batch_size: int, name: str) -> dict[str, list]:
+        """Every row's reference log-probability (`ref_logp`, and per token, `ref_logps`, for `"alol_seq"`), its
+        `V_ref(x)` and `A = R - V_ref(x)`, from one reference forward per batch: the value head reads the prompt's
+        hidden states of the same forward (causal attention: they are those of the prompt alone)."""
+        per_token = self.args.loss_type == "alol_seq"
+        rows = dataset.select_columns(["prompt_ids", "completion_ids"])
 
-        def score(indices: list[int]) -> list[tuple[list[float], float]]:
-            rows = dataset.select(indices)
-            examples = [
-                {"prompt_ids": p, "completion_ids": c} for p, c in zip(rows["prompt_ids"], rows["completion_ids"])
-            ]
+        def score(indices: list[int]) -> dict:
+            batch = rows[indices]
+            batch = self.data_collator(
+                [{"prompt_ids": p, "completion_ids": c} for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+            )
             with self.reference_model() as model:
-                logps = self.reference_token_logps(model, self.data_collator(examples))
-            values = self._values(rows["prompt_ids"])
-            return list(zip(logps, values))
+                logps, mask, hidden = self.reference_forward(model, batch, hidden_states=True)
+                prompt_mask = (batch["attention_mask"] * (1 - batch["completion_mask"])).to(hidden.device)  # (B, T)
+                values = self.value_head.to(hidden.device)(hidden, prompt_mask)  # (B,)
+            scores = {"ref_logp": (logps * mask).sum(-1), "value": values}  # (B,) each
+            if per_token:
+                scores["ref_logps"] = [row[m.bool()] for row, m in zip(logps, mask)]
+            return scores
 
-        scored = self.map_shards(range(len(dataset)), score, batch_size)
-        values = [value for _, value in scored]
-        return {
-            "ref_logps": [logps for logps, _ in scored],
-            "value": values,
-            "advantage": [reward - value for reward, value in zip(dataset["reward"], values)],
-        }
+        scored = self.map_rows(len(rows), score, batch_size, f"A-LoL: reference passes over the {name} rows")
+        scored["advantage"] = [reward - value for reward, value in zip(dataset["reward"], scored["value"])]
+        return scored
 
     def _prompt_hidden_states(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's last hidden states `(B, T, H)` over right-padded prompts, and their attention mask."""
@@ -230,16 +283,17 @@ class ALoLTrainer(OfflineRLTrainer):
             hidden = self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden, attention_mask
 
-    def _prompt_features(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
-        """Each prompt's `(T_i, H)` hidden states on the CPU (the value head computes in float32 whatever their
-        dtype)."""
-        hidden, _ = self._prompt_hidden_states(prompt_ids)
-        return [h[: len(p)].cpu() for h, p in zip(hidden, prompt_ids)]  # (T_i, H) each, in the model's dtype
-
-    def _values(self, prompt_ids: list[list[int]]) -> list[float]:
-        hidden, attention_mask = self._prompt_hidden_states(prompt_ids)
-        with torch.no_grad():
-            return self.value_head.to(hidden.device)(hidden, attention_mask).cpu().tolist()  # (B,)
+    def _prompt_features(self, prompt_ids: list[list[int]], batch_size: int) -> FeatureStore:
+        """Each prompt's `(T_i, H)` hidden states, in the model's dtype, in a store on disk that holds the prompts
+        this process computed: no process gathers the others' (see `fit_value_head`)."""
+        store = FeatureStore()
+        desc = "A-LoL: prompt features for the value head"
+        for step in shard_batches(self.accelerator, len(prompt_ids), batch_size, desc, self.args.disable_tqdm):
+            batch = [prompt_ids[i] for i in step.indices]
+            hidden, _ = self._prompt_hidden_states(batch)  # every process runs every step: ZeRO-3 forwards line up
+            for row, states, ids in list(zip(step.indices, hidden, batch))[: step.num_real]:
+                store.add(row, states[: len(ids)])
+        return store
 
     def _pad_prompts(self, prompt_ids: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [torch.tensor(p) for p in prompt_ids]
@@ -250,39 +304,41 @@ class ALoLTrainer(OfflineRLTrainer):
     def _reference_greedy_rewards(self, prompts: Dataset, batch_size: int) -> list[float]:
         """Rewards of the reference's greedy answers to `prompts` (A-LoL's value targets), scored by `reward_funcs`
         with the prompt's other columns."""
-        completions = self.map_shards(prompts["prompt_ids"], self._greedy_completions, batch_size)
+        prompt_ids = list(prompts["prompt_ids"])
+        completions = self.map_rows(
+            len(prompt_ids),
+            lambda indices: {"completion": self._greedy_completions([prompt_ids[i] for i in indices])},
+            batch_size,
+            "A-LoL: the reference's greedy answers for the value targets",
+        )["completion"]
         conversational = isinstance(prompts[0]["prompt"], list)
         columns = [c for c in prompts.column_names if c not in _COMPLETION_COLUMNS and c != "prompt_ids"]
         generated = prompts.select_columns(columns).add_column(
             "completion",
             [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions,
         )
-        return compute_rewards(
-            generated,
-            self.reward_funcs,
-            self.reward_processing_classes,
-            self.args.reward_weights,
-            device=self.accelerator.device,
-        )
+        return self.reward_funcs_scores(generated, "value-target")
 
     def _greedy_completions(self, prompt_ids: list[list[int]]) -> list[str]:
         input_ids, attention_mask = self._pad_prompts(prompt_ids, "left")
-        with self.reference_model() as model:
-            generated = self.accelerator.unwrap_model(model).generate(
+        with (
+            self.reference_model() as model,
+            # Under ZeRO-3, the weights are gathered once for the whole generation, as TRL's online trainers do
+            unwrap_model_for_generation(model, self.accelerator) as unwrapped,
+        ):
+            generated = unwrapped.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=self.args.max_completion_length,
                 do_sample=False,
                 pad_token_id=self._tokenizer.pad_token_id,
-                # Under ZeRO-3 every process takes part in every forward, until the last one is done
-                synced_gpus=self.is_deepspeed_enabled and self.accelerator.num_processes > 1,
             )
         return self._tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here is prepared and scored like the ones given at construction
         if isinstance(eval_dataset, Dataset) and "advantage" not in eval_dataset.column_names:
-            eval_dataset = self._score_eval(self._prepare_dataset(eval_dataset, self.args, "eval"), "eval")
+            eval_dataset = self._score_eval(self.prepare_eval_dataset(eval_dataset), "eval")
             self.release_reference_engine()
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
@@ -307,9 +363,11 @@ class ALoLTrainer(OfflineRLTrainer):
         )
         logps = outputs.log_probs[:, -(input_ids.shape[1] - 1) :]  # (B, T - 1); PEFT prompt tuning prepends tokens
         mask = completion_mask[:, 1:]  # (B, T - 1)
+        # Per token for "alol_seq"; the other variants need only the sequence's log-probability
+        ref_logps = inputs["ref_logps"] if "ref_logps" in inputs else inputs["ref_logp"]  # (B, T - 1) or (B,)
         per_sequence, metrics = alol_loss(
             logps,
-            inputs["ref_logps"].to(logps.dtype),
+            ref_logps.to(logps.dtype),
             mask,
             inputs["advantage"].to(logps.dtype),
             variant=self.args.loss_type,

@@ -120,8 +120,9 @@ class DROTrainer(OfflineRLTrainer):
         self.reward_shift, self.reward_scale = 0.0, 1.0
         if args.normalize_rewards:
             self.reward_shift, self.reward_scale = self._reward_statistics(self.train_dataset)
-        self.train_dataset = self._normalized(self.train_dataset)
-        self.eval_dataset = self._map_named(self.eval_dataset, lambda dataset, name: self._normalized(dataset))
+        self._unnormalized = (self.train_dataset, self.eval_dataset)  # standardised again on a resume
+        self._train_fingerprint = self.data_fingerprint(self.train_dataset)
+        self._standardise_rewards()
 
         # After TRL's fused LM head patched the policy's forward, so that the value's patch wraps it
         policy = self.accelerator.unwrap_model(self.model)
@@ -221,19 +222,21 @@ class DROTrainer(OfflineRLTrainer):
         batch_size = self.args.precompute_ref_batch_size or (
             self.args.per_device_train_batch_size if name == "train" else self.args.per_device_eval_batch_size
         )
+        rows = dataset.select_columns(["prompt_ids", "completion_ids"])
 
-        def score(indices: list[int]) -> list[float]:
-            rows = dataset.select(indices)
-            examples = [
-                {"prompt_ids": p, "completion_ids": c} for p, c in zip(rows["prompt_ids"], rows["completion_ids"])
-            ]
+        def score(indices: list[int]) -> dict[str, torch.Tensor]:
+            batch = rows[indices]
+            batch = self.data_collator(
+                [{"prompt_ids": p, "completion_ids": c} for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+            )
             with self.reference_model() as model:
-                return [sum(logps) for logps in self.reference_token_logps(model, self.data_collator(examples))]
+                logps, mask = self.reference_forward(model, batch)
+            return {"ref_logp": (logps * mask).sum(-1)}  # (B,)
 
         return self.cached_columns(
             dataset,
             self.reference_cache_key(dataset, "dro-ref-logp"),
-            lambda: {"ref_logp": self.map_shards(range(len(dataset)), score, batch_size)},
+            lambda: self.map_rows(len(rows), score, batch_size, f"DRO: reference log-probs of the {name} rows"),
         )
 
     def _reward_statistics(self, dataset: Dataset) -> tuple[float, float]:
@@ -248,6 +251,32 @@ class DROTrainer(OfflineRLTrainer):
         self.precompute_metrics.update({"reward/raw_mean": mean, "reward/raw_std": std})
         return mean, std
 
+    def _standardise_rewards(self) -> None:
+        train, evaluation = self._unnormalized
+        self.train_dataset = self._normalized(train)
+        self.eval_dataset = self._map_named(evaluation, lambda dataset, name: self._normalized(dataset))
+
+    def precompute_state(self) -> dict:
+        return {
+            "data_fingerprint": self._train_fingerprint,
+            "reward_shift": self.reward_shift,
+            "reward_scale": self.reward_scale,
+            "metrics": dict(self.precompute_metrics),
+        }
+
+    def load_precompute_state(self, state: dict) -> None:
+        """The reward statistics of the run being resumed (rewards from a reward model may differ in the last bits
+        when scored again)."""
+        if state["data_fingerprint"] != self._train_fingerprint:
+            logger.warning(
+                "The checkpoint's reward statistics were computed on other training rows: they are not reused, and "
+                "training goes on with the rewards standardised as computed now."
+            )
+            return
+        self.reward_shift, self.reward_scale = state["reward_shift"], state["reward_scale"]
+        self.precompute_metrics.update(state["metrics"])
+        self._standardise_rewards()
+
     def _normalized(self, dataset: Dataset | None) -> Dataset | None:
         if dataset is None or (self.reward_shift, self.reward_scale) == (0.0, 1.0):
             return dataset
@@ -257,7 +286,7 @@ class DROTrainer(OfflineRLTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here is prepared like the ones given at construction
         if isinstance(eval_dataset, Dataset) and "prompt_ids" not in eval_dataset.column_names:
-            eval_dataset = self._prepare_dataset(eval_dataset, self.args, "eval")
+            eval_dataset = self.prepare_eval_dataset(eval_dataset)
             if self.args.precompute_ref_log_probs:
                 eval_dataset = self._with_reference_logps(eval_dataset, "eval")
                 self.release_reference_engine()

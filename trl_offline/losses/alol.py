@@ -31,8 +31,9 @@ def alol_loss(
 
     Args:
         logps (`torch.Tensor` of shape `(B, T)`): Per-token log-probabilities of the completion under the policy.
-        ref_logps (`torch.Tensor` of shape `(B, T)`, *optional*): The same under the frozen reference; unused (and
-            may be `None`) for `"alol_ref_free"`.
+        ref_logps (`torch.Tensor` of shape `(B, T)` or `(B,)`, *optional*): The same under the frozen reference;
+            unused (and may be `None`) for `"alol_ref_free"`. Every variant but `"alol_seq"` uses only its sum over the
+            completion, so the sequence log-probability `(B,)` may be passed instead.
         completion_mask (`torch.Tensor` of shape `(B, T)`): 1 on completion tokens.
         advantages (`torch.Tensor` of shape `(B,)`): `A = R(x, y) - V_ref(x)`, fixed before training.
         variant (`str`): `"alol"` (sequence importance weight), `"alol_seq"` (per-token weights), `"alol_ref_free"`
@@ -58,13 +59,19 @@ def alol_loss(
     metrics = {"nll": nll.detach()}
     low, high = 1 - clip_epsilon, 1 + clip_epsilon
 
-    if ref_logps is not None:
+    if ref_logps is not None and ref_logps.dim() == 1:
+        if variant == "alol_seq":
+            raise ValueError("Variant 'alol_seq' needs per-token reference log-probabilities (B, T), got (B,).")
+        sequence_log_ratio = (logps * mask).sum(-1) - ref_logps  # (B,) log pi(y|x) - log pi_ref(y|x)
+    elif ref_logps is not None:
         log_ratio = (logps - ref_logps) * mask  # (B, T)
-        metrics["kl"] = log_ratio.sum(-1).detach()  # (B,)
+        sequence_log_ratio = log_ratio.sum(-1)  # (B,)
+    if ref_logps is not None:
+        metrics["kl"] = sequence_log_ratio.detach()  # (B,)
 
     if variant == "alol":
         # A+ * clamp(pi(y|x) / pi_ref(y|x)) * NLL, the weight held constant (Eq. 3)
-        ratio = log_ratio.detach().sum(-1).exp()  # (B,)
+        ratio = sequence_log_ratio.detach().exp()  # (B,)
         weight = ratio.clamp(low, high)  # (B,)
         loss = positive * weight * nll  # (B,)
         metrics["importance_weight"] = weight
@@ -80,5 +87,5 @@ def alol_loss(
     elif variant == "alol_ref_free":
         loss = positive * nll  # (B,)
     else:  # "alol_kl": A+ * NLL + kl_coef * (log pi(y|x) - log pi_ref(y|x)), on the rows A-LoL trains on
-        loss = positive * nll + kl_coef * log_ratio.sum(-1) * (advantages > 0).to(logps.dtype)  # (B,)
+        loss = positive * nll + kl_coef * sequence_log_ratio * (advantages > 0).to(logps.dtype)  # (B,)
     return loss, metrics
