@@ -8,7 +8,7 @@ completion of the rest. Every trainer is built as a user builds it (its default 
 below), then gets, at step `i`, batch `i` of those rows collated by its **own** data collator, with the columns its
 training step reads: SFT `input_ids` + `completion_mask`; KTO `prompt_ids`, `completion_ids`, `label` and its
 mismatched `KL_completion_ids` (KTO's default loss estimates its KL term from them, and its reference runs on every
-step since `precompute_ref_log_probs=False` by default); A-LoL its precomputed `ref_logps`, `value` and `advantage`
+step since `precompute_ref_log_probs=False` by default); A-LoL its precomputed `ref_logp`, `value` and `advantage`
 (1.0, so every row has a gradient); DRO its precomputed `ref_logp` and a standardised `reward`. The precomputed
 values do not change the cost of a step, so they are constants here.
 
@@ -91,9 +91,7 @@ def _examples(name: str, rows: list[dict]) -> list[dict]:
         rotated = [rows[-1]["completion_ids"]] + [r["completion_ids"] for r in rows[:-1]]
         return [{**r, "label": i % 2 == 0, "KL_completion_ids": kl} for i, (r, kl) in enumerate(zip(rows, rotated))]
     if name == "alol":
-        return [
-            {**r, "reward": 1.0, "ref_logps": [-8.0] * completion_len, "value": 0.0, "advantage": 1.0} for r in rows
-        ]
+        return [{**r, "reward": 1.0, "ref_logp": -8.0 * completion_len, "value": 0.0, "advantage": 1.0} for r in rows]
     return [
         {**r, "reward": 1.0 if i % 2 == 0 else -1.0, "ref_logp": -8.0 * completion_len} for i, r in enumerate(rows)
     ]

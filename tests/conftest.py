@@ -56,3 +56,29 @@ def pretrained_tiny_model_path(tmp_path_factory):
     trainer.train()
     trainer.save_model()
     return config.output_dir
+
+
+@pytest.fixture(scope="session")
+def reward_model_path(tmp_path_factory):
+    """A tiny Llama sequence classifier and the kit's tokenizer, saved to a folder as a user's reward model is."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from trl_offline.offline_kit import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-reward-model"))
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

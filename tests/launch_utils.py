@@ -20,14 +20,17 @@ DEEPSPEED_ENV = {
 }
 
 
-def run_recipe(script: str, *args: str, accelerate_config: str | None = None, timeout: int = 900):
+def run_recipe(
+    script: str, *args: str, accelerate_config: str | None = None, timeout: int = 900, env: dict | None = None
+):
     """`python recipes/<script> args` (or `python <script>` for a path), or the same under `accelerate launch
-    --config_file recipes/accelerate_configs/<config>`; fails the test with the end of stderr unless it exits 0."""
+    --config_file recipes/accelerate_configs/<config>`, with `env` added to the environment; fails the test with the
+    end of stderr unless it exits 0."""
     launcher = [sys.executable]
     if accelerate_config is not None:
         config = f"recipes/accelerate_configs/{accelerate_config}"
         launcher += ["-m", "accelerate.commands.launch", "--config_file", config]
-    env = OFFLINE_ENV if accelerate_config is None else DEEPSPEED_ENV
+    env = {**(OFFLINE_ENV if accelerate_config is None else DEEPSPEED_ENV), **(env or {})}
     command = [*launcher, script if "/" in script else f"recipes/{script}", *args, "--disable_tqdm", "true"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from trl_offline.offline_kit import build_tokenizer, make_dataset, sort_reward
+from trl_offline.offline_kit import make_dataset, sort_reward
 from trl_offline.rewards import add_reward_column, compute_rewards, load_reward_funcs
 
 
@@ -25,27 +25,6 @@ CALLS = []
 def counted_length(prompts, completions, **kwargs):
     CALLS.append(len(completions))
     return [float(len(c)) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def reward_model_path(tmp_path_factory):
-    """A tiny Llama sequence classifier and the kit's tokenizer, saved to a folder as a user's reward model is."""
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-    )
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("tiny-reward-model"))
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def sorting_reward(prompts, completions, **kwargs):

@@ -137,9 +137,10 @@ class OfflineRLTrainer(BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support FSDP yet; use DeepSpeed ZeRO-3 to shard the model."
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+            raise ValueError(
+                f"{type(self).__name__} runs its reference passes before FSDP shards the model, so every process "
+                "needs the full weights then: turn off `cpu_ram_efficient_loading` in the FSDP config."
             )
         if args.n_gpu > 1:
             raise ValueError(
@@ -166,6 +167,7 @@ class OfflineRLTrainer(BaseTrainer):
         self.add_callback(_LogAtTrainBegin(self))
         self.model.add_model_tags(self._tag_names)
         if self.reward_funcs is not None:  # scored once, each process taking its share of the rows
+            self._prepare_reward_models()
             self.train_dataset = self.with_rewards(self.train_dataset, "train")
             self.eval_dataset = self._map_named(self.eval_dataset, self.with_rewards)
 
@@ -378,10 +380,26 @@ class OfflineRLTrainer(BaseTrainer):
         beside a file-backed dataset)."""
         if "reward" in dataset.column_names:  # already scored, e.g. passed back to `evaluate`
             return dataset
+        unwrapped = [
+            self.accelerator.unwrap_model(f) if isinstance(f, torch.nn.Module) else f for f in self.reward_funcs
+        ]
         fingerprint = rewards_fingerprint(
-            dataset, self.reward_funcs, self.reward_processing_classes, self.reward_weights, "reward"
+            dataset, unwrapped, self.reward_processing_classes, self.reward_weights, "reward"
         )
         return self.cached_columns(dataset, fingerprint, lambda: {"reward": self.reward_funcs_scores(dataset, name)})
+
+    def _prepare_reward_models(self) -> None:
+        """Reward models ready for the distributed passes, as TRL's GRPO prepares them: under ZeRO-3 they were loaded
+        sharded, so each runs in an inference engine (every process takes part in every forward: the passes give
+        them the same number of batches)."""
+        for i, reward_func in enumerate(self.reward_funcs):
+            if isinstance(reward_func, torch.nn.Module):
+                if self.is_deepspeed_enabled:
+                    self.reward_funcs[i] = prepare_deepspeed(reward_func, self.accelerator)
+                else:
+                    self.reward_funcs[i] = self.accelerator.prepare_model(
+                        reward_func, evaluation_mode=True, device_placement=True
+                    )
 
     def reward_funcs_scores(self, dataset: Dataset, name: str) -> list[float]:
         """The `reward_funcs` score of every row of `dataset` (`prompt`, `completion` and the other columns)."""

@@ -1,9 +1,10 @@
 """Builds an `ALoLTrainer` and a `DROTrainer` on datasets whose lengths are not multiples of the process count, and
-writes what their precompute gave every row (rewards from `reward_funcs`, reference log-probabilities, values,
+writes what their precompute gave every row (rewards from `reward_funcs`, a function for A-LoL and a reward model for
+DRO; reference log-probabilities, values,
 advantages, the rows A-LoL keeps) to a JSON file from the main process. Run with `python` (one process) or under
 `accelerate launch`; `test_precompute.py` compares the files.
 
-    python tests/distributed/dump_precompute.py MODEL_PATH OUTPUT_JSON
+    python tests/distributed/dump_precompute.py MODEL_PATH REWARD_MODEL_PATH OUTPUT_JSON
 """
 
 import json
@@ -59,12 +60,13 @@ def alol_rows(model_path: str, output_dir: str) -> dict:
     }
 
 
-def dro_rows(model_path: str, output_dir: str) -> dict:
+def dro_rows(model_path: str, reward_model_path: str, output_dir: str) -> dict:
     trainer = DROTrainer(
         model_path,
         args=_args(DROConfig, output_dir),
-        train_dataset=make_scored_dataset("prompt_completion", NUM_TRAIN_ROWS, score="label"),
-        eval_dataset=make_scored_dataset("prompt_completion", NUM_EVAL_ROWS, seed=1, score="label"),
+        train_dataset=make_scored_dataset("prompt_completion", NUM_TRAIN_ROWS, score="none"),
+        eval_dataset=make_scored_dataset("prompt_completion", NUM_EVAL_ROWS, seed=1, score="none"),
+        reward_funcs=reward_model_path,  # a sequence classifier scores every row, each process its share
     )
     train, evaluation = trainer._unnormalized
     return {
@@ -75,9 +77,12 @@ def dro_rows(model_path: str, output_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    model_path, output_json = sys.argv[1], sys.argv[2]
+    model_path, reward_model_path, output_json = sys.argv[1:4]
     with tempfile.TemporaryDirectory() as output_dir:
-        result = {"alol": alol_rows(model_path, output_dir), "dro": dro_rows(model_path, output_dir)}
+        result = {
+            "alol": alol_rows(model_path, output_dir),
+            "dro": dro_rows(model_path, reward_model_path, output_dir),
+        }
     from accelerate import PartialState
 
     state = PartialState()

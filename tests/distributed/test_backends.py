@@ -1,5 +1,7 @@
 """Every trainer under 2-process DDP, DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo), launched as users launch the recipes.
 
+FSDP2 runs for real on CPU processes too, with accelerate's CPU restriction lifted in the test harness (cpu_fsdp.py).
+
 For each trainer and backend: training runs to completion, both ranks end with the same weights (DRO's value network
 included: it is part of the model), and the loss curve follows a single process given the same global batch (2 x 16
 rows against 1 x 32). Under ZeRO-3 also: the reference passes run on sharded parameters (A-LoL's value-head fit, the
@@ -9,6 +11,7 @@ another order; measured differences are below 1e-5).
 """
 
 import functools
+import json
 import re
 import tempfile
 
@@ -75,6 +78,29 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, train
         )
         assert _losses(resumed.stdout) == pytest.approx(losses[2:], rel=RTOL)
         assert _digests(resumed.stdout) == digests
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_fsdp2_trains_like_one_process_with_the_same_global_batch(tmp_path, trainer):
+    # Real FSDP2 on 2 CPU processes (see cpu_fsdp.py): the parameters are sharded DTensors, A-LoL's and DRO's
+    # precompute runs before the model is sharded, and the losses follow one process
+    fsdp = [
+        "--fsdp",
+        "full_shard",
+        "--fsdp_config",
+        json.dumps({"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}),
+    ]
+    result = run_recipe(
+        HARNESS,
+        *_args(trainer, tmp_path / "run", *fsdp),
+        accelerate_config="ddp_cpu.yaml",
+        env={"TRL_OFFLINE_TEST_CPU_FSDP": "1", "PYTHONPATH": "tests/distributed"},
+    )
+    sharded = dict(re.findall(r"FSDP2 rank=(\d) sharded=(\d+/\d+)", result.stdout))
+    assert set(sharded) == {"0", "1"} and all(int(s.split("/")[0]) > 0 for s in sharded.values()), sharded
+    digests = _digests(result.stdout)
+    assert set(digests) == {0, 1} and digests[0] == digests[1], digests
+    assert _losses(result.stdout) == pytest.approx(_single_process_losses(trainer), rel=RTOL)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -1,8 +1,8 @@
 """The precompute of A-LoL and DRO gives every row the same numbers on any number of processes.
 
 `dump_precompute.py` builds both trainers on 31 training and 11 evaluation rows (lengths that no process count here
-divides) from a pretrained start, with `reward_funcs` (rows scored across processes; A-LoL's value targets from the
-reference's greedy answers), and writes every row's reward, reference log-probabilities, value and advantage, and the
+divides) from a pretrained start, with `reward_funcs` (rows scored across processes, by a function for A-LoL, whose
+value targets come from the reference's greedy answers, and by a reward model for DRO), and writes every row's reward, reference log-probabilities, value and advantage, and the
 rows A-LoL keeps. One process is the reference; DDP on 2, 3 and 4 processes and ZeRO-3 on 3 must match it row for row.
 Tolerance: 1e-4 relative (reductions add in another order; measured differences are below 1e-6).
 """
@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _dump(model_path: str, output, backend: str | None = None, num_processes: int = 1) -> dict:
+def _dump(model_path: str, reward_model_path: str, output, backend: str | None = None, num_processes: int = 1) -> dict:
     launcher = [sys.executable]
     if backend is not None:
         launcher += [
@@ -36,7 +36,7 @@ def _dump(model_path: str, output, backend: str | None = None, num_processes: in
             "--num_processes", str(num_processes),
             "--main_process_port", str(_free_port()),
         ]  # fmt: skip
-    command = [*launcher, HARNESS, model_path, str(output)]
+    command = [*launcher, HARNESS, model_path, reward_model_path, str(output)]
     result = subprocess.run(command, cwd=ROOT, env=DEEPSPEED_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     dumped = json.loads(output.read_text())
@@ -45,8 +45,8 @@ def _dump(model_path: str, output, backend: str | None = None, num_processes: in
 
 
 @pytest.fixture(scope="module")
-def one_process(pretrained_tiny_model_path, tmp_path_factory) -> dict:
-    return _dump(pretrained_tiny_model_path, tmp_path_factory.mktemp("one") / "rows.json")
+def one_process(pretrained_tiny_model_path, reward_model_path, tmp_path_factory) -> dict:
+    return _dump(pretrained_tiny_model_path, reward_model_path, tmp_path_factory.mktemp("one") / "rows.json")
 
 
 def _assert_close(got, want, where: str) -> None:
@@ -74,9 +74,9 @@ def test_one_process_precompute_is_not_trivial(one_process):
 
 @pytest.mark.parametrize("backend,num_processes", [("ddp_cpu", 2), ("ddp_cpu", 3), ("ddp_cpu", 4), ("zero3_cpu", 3)])
 def test_every_row_gets_the_numbers_one_process_gives_it(
-    tmp_path, pretrained_tiny_model_path, one_process, backend, num_processes
+    tmp_path, pretrained_tiny_model_path, reward_model_path, one_process, backend, num_processes
 ):
-    dumped = _dump(pretrained_tiny_model_path, tmp_path / "rows.json", backend, num_processes)
+    dumped = _dump(pretrained_tiny_model_path, reward_model_path, tmp_path / "rows.json", backend, num_processes)
     for trainer in ("alol", "dro"):
         for split in ("train", "eval"):
             for column, want in one_process[trainer][split].items():

@@ -11,6 +11,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers.utils import ModelOutput
 
 from .._trl_compat import maybe_gather_lm_head_ctx
@@ -74,11 +75,15 @@ def add_soft_q_head(model: torch.nn.Module, chunk_size: int = 1024) -> None:
         hidden_states = hidden_states.to(lm_head.weight.device)
         labels = labels[:, 1:].to(lm_head.weight.device)  # (B, T)
         mask = labels != -100  # (B, T)
-        with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
+        weight, bias = lm_head.weight, lm_head.bias
+        if isinstance(weight, DTensor):  # FSDP2 shards the head; the hidden states are a plain tensor
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        with maybe_gather_lm_head_ctx(weight, bias):
             stats = chunked_soft_q_stats(
                 hidden_states[mask],  # (N, H): only the scored positions are projected
-                lm_head.weight,
-                lm_head.bias,
+                weight,
+                bias,
                 labels[mask],
                 logit_scale=logit_scale,
                 softcap=softcap,
