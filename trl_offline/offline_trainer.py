@@ -359,16 +359,22 @@ class OfflineRLTrainer(BaseTrainer):
         """Takes down the DeepSpeed inference engine of the reference passes, once they are done: its hooks would
         otherwise stay on the model beside the training engine's, gathering ZeRO-3 shards twice, and its threads would
         outlive the process group at exit. `reference_model` builds it again if it is needed before training."""
+        self._backbone_of = (None, None)  # no reference kept to a model the passes are done with
         if self._reference_engine is not None:
             self._reference_engine.destroy()
             self._reference_engine = None
 
     def backbone(self, model) -> torch.nn.Module:
-        """The transformer body (last hidden states) of `model`, under any wrapper."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        if is_peft_model(unwrapped):
-            unwrapped = unwrapped.get_base_model()
-        return unwrapped.base_model
+        """The transformer body (last hidden states) of `model`, under any wrapper. Looked up once per model: the
+        passes ask for it on every batch, and unwrapping costs milliseconds."""
+        cached_model, body = getattr(self, "_backbone_of", (None, None))
+        if cached_model is not model:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if is_peft_model(unwrapped):
+                unwrapped = unwrapped.get_base_model()
+            body = unwrapped.base_model
+            self._backbone_of = (model, body)
+        return body
 
     def map_rows(self, num_rows: int, fn: Callable[[list[int]], dict], batch_size: int, desc: str) -> dict[str, list]:
         """`fn` over rows `0 .. num_rows - 1`, split across processes; every row's results, in order, on every process
@@ -504,8 +510,11 @@ class OfflineRLTrainer(BaseTrainer):
         """A hash of the rows the precompute read (their tokens, and their rewards unless `reward_funcs` computed
         them), the same in every run on the same data, in memory or not: a resume checks it before it reuses a
         checkpoint's precompute state."""
-        rewards = list(dataset["reward"]) if self.reward_funcs is None else None
-        return Hasher.hash((list(dataset["prompt_ids"]), list(dataset["completion_ids"]), rewards))
+        columns = ["prompt_ids", "completion_ids"] + (["reward"] if self.reward_funcs is None else [])
+        hasher = Hasher()
+        for batch in dataset.select_columns(columns).iter(batch_size=10_000):  # never every row at once
+            hasher.update(batch)
+        return hasher.hexdigest()
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         checkpoint = resume_from_checkpoint
