@@ -213,3 +213,12 @@ def test_plain_training_arguments_are_converted(tmp_path, tiny_model_path):
     trainer = ALoLTrainer(tiny_model_path, args=args, train_dataset=make_scored_dataset("prompt_completion", 8))
     assert isinstance(trainer.args, ALoLConfig)
     assert trainer.args.loss_type == "alol" and trainer.args.clip_epsilon == 0.9 and trainer.args.max_steps == 1
+
+
+def test_an_empty_dataset_is_named_before_training(tmp_path, tiny_model_path):
+    empty = Dataset.from_dict({"prompt": [], "completion": [], "reward": []})
+    with pytest.raises(ValueError, match="The train dataset is empty"):
+        ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=empty)
+    full = make_scored_dataset("prompt_completion", 8)
+    with pytest.raises(ValueError, match="The extra dataset is empty"):
+        ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=full, eval_dataset={"extra": empty})

@@ -61,6 +61,8 @@ def check_sft_dataset(dataset: Dataset | IterableDataset, dataset_text_field: st
     A dataset that is already tokenized (`input_ids`) is left to TRL. Raises `ValueError` or `TypeError` naming the
     column and the row for a missing column, a value of the wrong type, or an empty text or completion.
     """
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: there is nothing to train or evaluate on.")
     columns = set(dataset.column_names or [])
     if "input_ids" in columns:
         return

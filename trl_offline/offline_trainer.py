@@ -90,6 +90,8 @@ class OfflineRLTrainer(BaseTrainer):
                 raise TypeError(
                     f"The {name} dataset must be a map-style `datasets.Dataset`, got {type(dataset).__name__}."
                 )
+            if len(dataset) == 0:
+                raise ValueError(f"The {name} dataset is empty: there is nothing to train or evaluate on.")
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model = self._load_model(model, args)
         if ref_model is not None and ref_model is model:

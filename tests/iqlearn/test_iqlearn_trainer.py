@@ -259,3 +259,11 @@ def test_implicit_rewards_refuse_rows_with_no_completion_left(tmp_path, tiny_mod
         trainer.compute_implicit_rewards(dataset)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         trainer.compute_implicit_rewards(dataset.to_list())
+
+
+def test_an_empty_dataset_is_named_before_training(tmp_path, tiny_model_path):
+    from datasets import Dataset
+
+    empty = Dataset.from_dict({"prompt": [], "completion": []})
+    with pytest.raises(ValueError, match="The train dataset is empty"):
+        IQLearnTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=empty)
