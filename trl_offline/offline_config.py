@@ -28,6 +28,8 @@ class OfflineRLConfig(BaseConfig):
         max_length (`int` or `None`, *optional*, defaults to `1024`):
             Maximum length of prompt + completion in tokens. Completions are truncated from the right to fit; a row
             whose prompt alone leaves no room for a completion token is an error.
+        pad_to_multiple_of (`int`, *optional*):
+            If set, the sequences of a batch are padded to a multiple of this value (as in [`~trl.KTOConfig`]).
         reward_weights (`list[float]`, *optional*):
             Weights of the `reward_funcs` passed to the trainer, all 1.0 by default.
         precompute_ref_batch_size (`int`, *optional*):
@@ -63,6 +65,10 @@ class OfflineRLConfig(BaseConfig):
             "prompt that leaves no room for a completion token is an error."
         },
     )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "If set, the sequences of a batch are padded to a multiple of this value."},
+    )
     reward_weights: list[float] | None = field(
         default=None,
         metadata={"help": "Weights of the reward functions, all 1.0 by default."},
@@ -83,5 +89,7 @@ class OfflineRLConfig(BaseConfig):
             )
         if self.reward_weights is not None and not all(isinstance(w, int | float) for w in self.reward_weights):
             raise TypeError(f"`reward_weights` must be a list of numbers, got {self.reward_weights!r}.")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"`pad_to_multiple_of` must be >= 1, got {self.pad_to_multiple_of}.")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"`precompute_ref_batch_size` must be >= 1, got {self.precompute_ref_batch_size}.")

@@ -126,7 +126,7 @@ class OfflineRLTrainer(BaseTrainer):
             eval_dataset = self._map_named(eval_dataset, lambda d, n: self._prepare_dataset(d, args, n))
         if data_collator is None:
             data_collator = DataCollatorForRewardedCompletions(
-                processing_class.pad_token_id, pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None)
+                processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
             )
         super().__init__(
             model=model,
@@ -565,11 +565,24 @@ class OfflineRLTrainer(BaseTrainer):
         super().log(logs, start_time)
         totals.clear()
 
+    # What `compute_metrics` receives per evaluation row, in this order, with the row's reward as `label_ids`
+    PREDICTION_COLUMNS = ("logp", "ref_logp", "value")
+
+    @staticmethod
+    def row_predictions(logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor) -> dict:
+        """`compute_loss`'s outputs for evaluation: `(B, 3)` per row, the columns of `PREDICTION_COLUMNS`:
+        `log pi(y|x)`, `log pi_ref(y|x)` (sums over the completion) and `V(x)`."""
+        return {"row_predictions": torch.stack([logps.float(), ref_logps.float(), values.float()], dim=1)}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss, and unless only the loss is asked for (no `compute_metrics`), each row's `PREDICTION_COLUMNS`
+        `(B, 3)` as predictions and its reward `(B,)` as labels, gathered over processes by the evaluation loop."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), outputs["row_predictions"], inputs["reward"].float()
 
     def _save_checkpoint(self, model, trial):
         self.create_model_card(model_name=model_card_name(self.args))

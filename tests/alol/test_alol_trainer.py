@@ -664,3 +664,39 @@ def test_resume_on_other_rows_keeps_what_was_computed_now(tmp_path, tiny_model_p
     rows = other._positive_rows
     other.load_precompute_state(state)
     assert "other training rows" in caplog.text and other._positive_rows == rows
+
+
+def test_compute_metrics_gets_each_rows_log_probs_value_and_reward(tmp_path, tiny_model_path):
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction)
+        return {"mean_value": float(prediction.predictions[:, 2].mean())}
+
+    eval_dataset = make_scored_dataset("prompt_completion", 7, seed=3)  # a short last batch of 3
+    trainer = ALoLTrainer(
+        tiny_model_path,
+        args=_config(tmp_path),
+        train_dataset=make_scored_dataset("prompt_completion", 16),
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics,
+    )
+    metrics = trainer.evaluate()
+    (prediction,) = seen
+    scored = trainer.eval_dataset
+    assert ALoLTrainer.PREDICTION_COLUMNS == ("logp", "ref_logp", "value")
+    assert prediction.predictions.shape == (7, 3)
+    # Before training the policy is the reference: its log-probabilities are the precomputed ones
+    assert prediction.predictions[:, 0] == pytest.approx(list(scored["ref_logp"]), abs=1e-4)
+    assert prediction.predictions[:, 1] == pytest.approx(list(scored["ref_logp"]), abs=1e-6)
+    assert prediction.predictions[:, 2] == pytest.approx(list(scored["value"]), abs=1e-6)
+    assert prediction.label_ids == pytest.approx(list(eval_dataset["reward"]), abs=1e-6)
+    assert metrics["eval_mean_value"] == pytest.approx(sum(scored["value"]) / 7, abs=1e-5)
+
+
+def test_pad_to_multiple_of_pads_the_batches(tmp_path, tiny_model_path):
+    args = _config(tmp_path, pad_to_multiple_of=16)
+    trainer = ALoLTrainer(tiny_model_path, args=args, train_dataset=make_scored_dataset("prompt_completion", 16))
+    batch = first_batch(trainer)
+    assert batch["input_ids"].shape[1] % 16 == 0
+    assert _config(tmp_path).pad_to_multiple_of is None  # KTO's default

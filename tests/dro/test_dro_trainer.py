@@ -529,3 +529,23 @@ def test_checkpoints_keep_the_reward_statistics_and_a_resume_reuses_them(tmp_pat
     assert (resumed.reward_shift, resumed.reward_scale) == (0.5, 0.25)
     labels = _labelled(16)["label"]
     assert resumed.train_dataset["reward"] == pytest.approx([(float(label) - 0.5) / 0.25 for label in labels])
+
+
+def test_compute_metrics_gets_each_rows_log_probs_value_and_reward(tmp_path, tiny_model_path):
+    seen = []
+    trainer = DROTrainer(
+        tiny_model_path,
+        args=_config(tmp_path),
+        train_dataset=_labelled(),
+        eval_dataset=_labelled(7, seed=3),
+        compute_metrics=lambda prediction: seen.append(prediction) or {"rows": len(prediction.label_ids)},
+    )
+    metrics = trainer.evaluate()
+    (prediction,) = seen
+    evaluation = trainer.eval_dataset
+    assert prediction.predictions.shape == (7, 3) and metrics["eval_rows"] == 7
+    # log pi = log pi_ref before training, V(x) = 0 from the zero-initialised head, rewards as standardised
+    assert prediction.predictions[:, 0] == pytest.approx(list(evaluation["ref_logp"]), abs=1e-4)
+    assert prediction.predictions[:, 1] == pytest.approx(list(evaluation["ref_logp"]), abs=1e-6)
+    assert prediction.predictions[:, 2] == pytest.approx([0.0] * 7, abs=1e-6)
+    assert prediction.label_ids == pytest.approx(list(evaluation["reward"]), abs=1e-6)

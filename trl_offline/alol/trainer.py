@@ -394,4 +394,7 @@ class ALoLTrainer(OfflineRLTrainer):
                 dict.fromkeys(("importance_weight/mean", "importance_weight/clip_fraction"), "trained_rows")
             )
         self.log_row_metrics(mode, rows, denominators)
-        return (loss, outputs) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        sequence_logps = (logps.detach() * mask).sum(-1)  # (B,)
+        return loss, self.row_predictions(sequence_logps, inputs["ref_logp"], inputs["value"])

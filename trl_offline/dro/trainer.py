@@ -353,7 +353,9 @@ class DROTrainer(OfflineRLTrainer):
             "reward/mean": inputs["reward"],
         }
         self.log_row_metrics(mode, rows, dict.fromkeys([key for key in rows if key != "rows"], "rows"))
-        return (loss, outputs) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        return loss, self.row_predictions(logps.detach(), ref_logps, outputs.prompt_values.detach())
 
     @staticmethod
     def _sequence_logps(outputs, completion_mask: torch.Tensor) -> torch.Tensor:
