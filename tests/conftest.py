@@ -82,3 +82,33 @@ def reward_model_path(tmp_path_factory):
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_model_path(tmp_path_factory):
+    """A tiny Mixtral (4 experts, 2 per token, `router_aux_loss_coef` 0.02) with the kit's tokenizer, saved as a user's
+    Mixture-of-Experts checkpoint is."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from trl_offline.offline_kit import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-mixtral"))
+    MixtralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -222,3 +222,50 @@ def test_an_empty_dataset_is_named_before_training(tmp_path, tiny_model_path):
     full = make_scored_dataset("prompt_completion", 8)
     with pytest.raises(ValueError, match="The extra dataset is empty"):
         ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=full, eval_dataset={"extra": empty})
+
+
+# -- Mixture-of-Experts -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainer_class", ["alol", "dro"])
+def test_moe_load_balancing_loss_is_added_as_kto_adds_it(tmp_path, tiny_moe_model_path, trainer_class):
+    from trl_offline import DROConfig, DROTrainer
+
+    trainer_class, config_class = (ALoLTrainer, ALoLConfig) if trainer_class == "alol" else (DROTrainer, DROConfig)
+    dataset = make_scored_dataset("prompt_completion", 16)
+    settings = dict(max_steps=1, value_num_prompts=8, value_num_epochs=1) if config_class is ALoLConfig else {}
+    trainer = trainer_class(
+        tiny_moe_model_path, args=config_class(**cpu_run_args(tmp_path, **settings)), train_dataset=dataset
+    )
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.02  # the config's own coefficient
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        # The load-balancing loss of the model's own forward, computed by transformers
+        expected_aux = AutoModelForCausalLM.from_pretrained(tiny_moe_model_path)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
+        ).aux_loss
+        trainer.router_aux_loss_coef = 0.0
+        without = trainer.compute_loss(trainer.model, batch)
+    assert expected_aux > 0
+    assert (loss - without).item() == pytest.approx(0.02 * expected_aux.item(), rel=1e-4)
+    trainer.router_aux_loss_coef = 0.02
+    trainer.train()  # and it trains with it, logging it
+    logged = [log["aux_loss"] for log in trainer.state.log_history if "loss" in log]
+    assert logged and all(aux > 0 for aux in logged)
+
+    off = trainer_class(
+        tiny_moe_model_path,
+        args=config_class(**cpu_run_args(tmp_path / "off", router_aux_loss_coef=0.0, **settings)),
+        train_dataset=dataset,
+    )
+    assert not off.aux_loss_enabled
+
+
+def test_router_aux_loss_coef_on_a_dense_model_is_refused(tmp_path, tiny_model_path):
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts"):
+        ALoLTrainer(
+            tiny_model_path,
+            args=_config(tmp_path, router_aux_loss_coef=0.01),
+            train_dataset=make_scored_dataset("prompt_completion", 8),
+        )

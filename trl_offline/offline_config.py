@@ -20,6 +20,10 @@ class OfflineRLConfig(BaseConfig):
             Whether to allow models and tokenizers that ship custom code.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the model, so that the policy and the reference score a response alike.
+        router_aux_loss_coef (`float`, *optional*):
+            Coefficient of the load-balancing auxiliary loss of Mixture-of-Experts models, added to the training loss
+            as [`~trl.KTOConfig`] adds it. When not set, the value the model's config declares is used; `0.0`
+            disables it. An error with a model that is not a Mixture-of-Experts.
 
         > Parameters that control the data
 
@@ -51,6 +55,14 @@ class OfflineRLConfig(BaseConfig):
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Whether to disable dropout in the model."},
+    )
+
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Coefficient of the Mixture-of-Experts load-balancing loss added to the training loss; the model "
+            "config's value when not set, 0.0 to disable. Fails with a non-MoE model."
+        },
     )
 
     # Parameters that control the data

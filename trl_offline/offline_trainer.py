@@ -144,6 +144,16 @@ class OfflineRLTrainer(BaseTrainer):
                 f"{type(self).__name__} runs its reference passes before FSDP shards the model, so every process "
                 "needs the full weights then: turn off `cpu_ram_efficient_loading` in the FSDP config."
             )
+        # MoE load-balancing loss, as `KTOTrainer` adds it: the architecture's own coefficient unless one is given
+        text_config = self.accelerator.unwrap_model(self.model).config.get_text_config()
+        coef = args.router_aux_loss_coef
+        if coef and not hasattr(text_config, "output_router_logits"):
+            raise ValueError(
+                f"`router_aux_loss_coef` is {coef}, but the model is not a Mixture-of-Experts model that returns its "
+                "router logits: there is no auxiliary loss to weight."
+            )
+        self.router_aux_loss_coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        self.aux_loss_enabled = hasattr(text_config, "output_router_logits") and self.router_aux_loss_coef != 0.0
         if args.n_gpu > 1:
             raise ValueError(
                 f"{type(self).__name__} does not support `nn.DataParallel`: launch with `accelerate launch` or make "
@@ -564,6 +574,20 @@ class OfflineRLTrainer(BaseTrainer):
         logs.update(metrics)  # in place: `evaluate` returns the dict it logged
         super().log(logs, start_time)
         totals.clear()
+
+    def policy_forward_kwargs(self) -> dict:
+        """Keyword arguments of the policy's training forward beyond the batch: MoE models return their router
+        logits, from which TRL's fused head computes the load-balancing loss (`outputs.aux_loss`)."""
+        return {"output_router_logits": True} if self.aux_loss_enabled else {}
+
+    def add_aux_loss(self, loss: torch.Tensor, outputs, mode: str, num_rows: int) -> torch.Tensor:
+        """`loss + router_aux_loss_coef * aux_loss` for MoE models (`aux_loss` logged, weighed by the batch's
+        `num_rows`), `loss` otherwise."""
+        if not self.aux_loss_enabled:
+            return loss
+        aux_loss = outputs.aux_loss
+        self.log_row_metrics(mode, {"aux_loss": aux_loss.detach().float().expand(num_rows)}, {"aux_loss": "rows"})
+        return loss + self.router_aux_loss_coef * aux_loss
 
     # What `compute_metrics` receives per evaluation row, in this order, with the row's reward as `label_ids`
     PREDICTION_COLUMNS = ("logp", "ref_logp", "value")

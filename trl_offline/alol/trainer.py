@@ -360,6 +360,7 @@ class ALoLTrainer(OfflineRLTrainer):
             labels=labels,
             fused_lm_head=True,
             use_cache=False,
+            **self.policy_forward_kwargs(),
         )
         logps = outputs.log_probs[:, -(input_ids.shape[1] - 1) :]  # (B, T - 1); PEFT prompt tuning prepends tokens
         mask = completion_mask[:, 1:]  # (B, T - 1)
@@ -375,6 +376,7 @@ class ALoLTrainer(OfflineRLTrainer):
             kl_coef=self.args.kl_coef,
         )  # (B,)
         loss = per_sequence.mean()  # the paper's batch mean over sequences; the Trainer divides by accumulation
+        loss = self.add_aux_loss(loss, outputs, mode, len(per_sequence))
 
         trained = (inputs["advantage"] > 0).to(logps.dtype)  # (B,) the rows with a gradient
         rows = {

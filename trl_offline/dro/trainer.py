@@ -325,7 +325,7 @@ class DROTrainer(OfflineRLTrainer):
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False
         )
         prompt_mask = attention_mask * (1 - completion_mask)  # (B, T) 1 on prompt tokens
-        outputs = model(**forward_kwargs, value_prompt_mask=prompt_mask)
+        outputs = model(**forward_kwargs, **self.policy_forward_kwargs(), value_prompt_mask=prompt_mask)
         logps = self._sequence_logps(outputs.policy, completion_mask)  # (B,)
         if "ref_logp" in inputs:
             ref_logps = inputs["ref_logp"]  # (B,)
@@ -341,6 +341,7 @@ class DROTrainer(OfflineRLTrainer):
             rescale_policy_grad=self.args.rescale_policy_grad,
         )  # (B,)
         loss = per_sequence.mean()  # the batch mean over sequences; the Trainer divides by accumulation
+        loss = self.add_aux_loss(loss, outputs.policy, mode, len(per_sequence))
 
         rows = {
             "rows": torch.ones_like(per_sequence),
