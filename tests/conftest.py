@@ -58,57 +58,45 @@ def pretrained_tiny_model_path(tmp_path_factory):
     return config.output_dir
 
 
-@pytest.fixture(scope="session")
-def reward_model_path(tmp_path_factory):
-    """A tiny Llama sequence classifier and the kit's tokenizer, saved to a folder as a user's reward model is."""
+def _save_tiny_model(path: str, model_class, config_class, **config) -> str:
+    """A small `model_class` (1-2 layers, hidden 32) with the kit's tokenizer, seeded, saved to `path` as a user's
+    checkpoint is; `config` adds to the sizes."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from trl_offline.offline_kit import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = config_class(**sizes, **config, **ids)
     torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("tiny-reward-model"))
-    LlamaForSequenceClassification(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def reward_model_path(tmp_path_factory):
+    """A tiny Llama sequence classifier and the kit's tokenizer, saved to a folder as a user's reward model is."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    path = str(tmp_path_factory.mktemp("tiny-reward-model"))
+    return _save_tiny_model(path, LlamaForSequenceClassification, LlamaConfig, num_hidden_layers=1, num_labels=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_model_path(tmp_path_factory):
     """A tiny Mixtral (4 experts, 2 per token, `router_aux_loss_coef` 0.02) with the kit's tokenizer, saved as a user's
     Mixture-of-Experts checkpoint is."""
-    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from trl_offline.offline_kit import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = MixtralConfig(
-        hidden_size=32,
-        intermediate_size=64,
+    path = str(tmp_path_factory.mktemp("tiny-mixtral"))
+    return _save_tiny_model(
+        path,
+        MixtralForCausalLM,
+        MixtralConfig,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
         router_aux_loss_coef=0.02,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("tiny-mixtral"))
-    MixtralForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
