@@ -440,6 +440,12 @@ class OfflineRLTrainer(BaseTrainer):
     def _reward_batch_size(self) -> int:
         return self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
 
+    def collate_rows(self, rows: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Rows `indices` of a dataset with `prompt_ids` and `completion_ids`, collated as training collates them."""
+        batch = rows[indices]
+        pairs = zip(batch["prompt_ids"], batch["completion_ids"])
+        return self.data_collator([{"prompt_ids": p, "completion_ids": c} for p, c in pairs])
+
     def reference_forward(self, model, batch: dict[str, torch.Tensor], hidden_states: bool = False):
         """Per-token log-probabilities `(B, T - 1)` of each row's completion under `model` (TRL's fused LM head;
         zero off the completion) and their mask; with `hidden_states`, also the last hidden states `(B, T, H)` of the

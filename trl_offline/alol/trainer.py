@@ -1,3 +1,4 @@
+import functools
 import random
 import textwrap
 
@@ -113,11 +114,15 @@ class ALoLTrainer(OfflineRLTrainer):
             save_state=lambda path: torch.save(self.value_head.state_dict(), path),
             load_state=self._load_value_head,
         )
-        self._train_fingerprint = self.data_fingerprint(self._scored_train)
         self._select_positive_rows(positive_advantage_indices(self._scored_train["advantage"]))
         if self.eval_dataset is not None:
             self.eval_dataset = self._map_named(self.eval_dataset, self._score_eval)
         self.release_reference_engine()
+
+    @functools.cached_property
+    def _train_fingerprint(self) -> str:
+        # Only a save or a resume needs it: not hashed at start-up
+        return self.data_fingerprint(self._scored_train)
 
     def _select_positive_rows(self, positive: list[int]) -> None:
         scored = self._scored_train
@@ -259,10 +264,7 @@ class ALoLTrainer(OfflineRLTrainer):
         rows = dataset.select_columns(["prompt_ids", "completion_ids"])
 
         def score(indices: list[int]) -> dict:
-            batch = rows[indices]
-            batch = self.data_collator(
-                [{"prompt_ids": p, "completion_ids": c} for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
-            )
+            batch = self.collate_rows(rows, indices)
             with self.reference_model() as model:
                 logps, mask, hidden = self.reference_forward(model, batch, hidden_states=True)
                 prompt_mask = (batch["attention_mask"] * (1 - batch["completion_mask"])).to(hidden.device)  # (B, T)

@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import functools
 import os
 import textwrap
 
@@ -121,7 +122,6 @@ class DROTrainer(OfflineRLTrainer):
         if args.normalize_rewards:
             self.reward_shift, self.reward_scale = self._reward_statistics(self.train_dataset)
         self._unnormalized = (self.train_dataset, self.eval_dataset)  # standardised again on a resume
-        self._train_fingerprint = self.data_fingerprint(self.train_dataset)
         self._standardise_rewards()
 
         # After TRL's fused LM head patched the policy's forward, so that the value's patch wraps it
@@ -225,10 +225,7 @@ class DROTrainer(OfflineRLTrainer):
         rows = dataset.select_columns(["prompt_ids", "completion_ids"])
 
         def score(indices: list[int]) -> dict[str, torch.Tensor]:
-            batch = rows[indices]
-            batch = self.data_collator(
-                [{"prompt_ids": p, "completion_ids": c} for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
-            )
+            batch = self.collate_rows(rows, indices)
             with self.reference_model() as model:
                 logps, mask = self.reference_forward(model, batch)
             return {"ref_logp": (logps * mask).sum(-1)}  # (B,)
@@ -250,6 +247,11 @@ class DROTrainer(OfflineRLTrainer):
             std = 1.0
         self.precompute_metrics.update({"reward/raw_mean": mean, "reward/raw_std": std})
         return mean, std
+
+    @functools.cached_property
+    def _train_fingerprint(self) -> str:
+        # Only a save or a resume needs it: not hashed at start-up
+        return self.data_fingerprint(self._unnormalized[0])
 
     def _standardise_rewards(self) -> None:
         train, evaluation = self._unnormalized
