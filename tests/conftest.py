@@ -100,3 +100,12 @@ def tiny_moe_model_path(tmp_path_factory):
         num_experts_per_tok=2,
         router_aux_loss_coef=0.02,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_model_path(tmp_path_factory):
+    """A tiny Llama with the kit's byte-level BPE tokenizer (merges that cross the prompt/completion boundary, a chat
+    template that renders `tools` and `enable_thinking`), saved to a folder."""
+    from trl_offline.offline_kit import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llama-bpe")), tokenizer="bpe")

@@ -1,7 +1,8 @@
+import json
 import math
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from trl_offline.data import LABEL_REWARDS, to_rewarded_dataset
 
@@ -78,3 +79,69 @@ def test_bad_rows_are_refused_naming_column_and_row(rows, error, message):
 def test_only_a_datasets_dataset_is_accepted():
     with pytest.raises(TypeError, match="datasets.Dataset"):
         to_rewarded_dataset([{"prompt": "a", "completion": "x", "reward": 1.0}])
+
+
+def test_tools_and_template_arguments_survive_unpairing_and_labels():
+    user = _conversation("user", "sort cab")
+    tools = json.dumps([{"type": "function", "function": {"name": "sort_letters"}}])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": user,
+                "chosen": _conversation("assistant", "abc"),
+                "rejected": _conversation("assistant", "cba"),
+                "tools": tools,
+                "chat_template_kwargs": {"enable_thinking": True},
+            }
+        ]
+    )
+    rows = to_rewarded_dataset(dataset).to_list()
+    assert [(r["reward"], r["tools"], r["chat_template_kwargs"]) for r in rows] == [
+        (1.0, tools, {"enable_thinking": True}),
+        (0.0, tools, {"enable_thinking": True}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "tools,error,message",
+    [
+        ('{"name": "sort"}', TypeError, "Row 1 of column 'tools' must be a list of tools"),
+        ("[{", ValueError, "Row 1 of column 'tools' is a string but not valid JSON"),
+    ],
+)
+def test_bad_tools_are_refused_naming_the_row(tools, error, message):
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [_conversation("user", "a"), _conversation("user", "b")],
+            "completion": [_conversation("assistant", "a"), _conversation("assistant", "b")],
+            "reward": [1.0, 0.0],
+            "tools": ["[]", tools],
+        }
+    )
+    with pytest.raises(error, match=message):
+        to_rewarded_dataset(dataset)
+
+
+def test_template_columns_on_standard_rows_are_warned_about(caplog):
+    rows = {"prompt": ["a"], "completion": ["x"], "reward": [1.0], "chat_template_kwargs": [{"enable_thinking": True}]}
+    to_rewarded_dataset(Dataset.from_dict(rows))
+    assert "['chat_template_kwargs'] but its rows are standard" in caplog.text
+
+
+def test_streamed_rows_are_checked_as_they_stream():
+    # A stream cannot be read before training: its first row is checked up front, every row as it streams
+    good = {"prompt": "a=", "completion": "a", "label": True}
+    stream = Dataset.from_list([good, {**good, "completion": " "}]).to_iterable_dataset()
+    rewarded = to_rewarded_dataset(stream)
+    with pytest.raises(ValueError, match="Row 1 of column 'completion' is an empty string"):
+        list(rewarded)
+
+    def mixed_labels():  # a stream of JSON lines can mix types, which Arrow would not store
+        yield from (good, {**good, "label": 1})
+
+    with pytest.raises(TypeError, match="Row 1 of column 'label' must be a bool"):
+        list(to_rewarded_dataset(IterableDataset.from_generator(mixed_labels)))
+    rewards = [{"prompt": "a=", "completion": "a", "reward": r} for r in (1, float("inf"))]
+    with pytest.raises(ValueError, match="Row 1 of column 'reward' is not finite"):
+        list(to_rewarded_dataset(Dataset.from_list(rewards).to_iterable_dataset()))
+    assert [row["reward"] for row in to_rewarded_dataset(Dataset.from_list([good]).to_iterable_dataset())] == [1.0]

@@ -20,6 +20,9 @@ class OfflineRLConfig(BaseConfig):
             Whether to allow models and tokenizers that ship custom code.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the model, so that the policy and the reference score a response alike.
+        activation_offloading (`bool`, *optional*, defaults to `False`):
+            Whether to offload the activations to the CPU during the training step, with TRL's context manager, as
+            [`~trl.KTOConfig`] does. It needs an accelerator (e.g. a GPU): an error when training runs on the CPU.
         router_aux_loss_coef (`float`, *optional*):
             Coefficient of the load-balancing auxiliary loss of Mixture-of-Experts models, added to the training loss
             as [`~trl.KTOConfig`] adds it. When not set, the value the model's config declares is used; `0.0`
@@ -30,10 +33,13 @@ class OfflineRLConfig(BaseConfig):
         dataset_num_proc (`int`, *optional*):
             Number of processes to use for processing the dataset.
         max_length (`int` or `None`, *optional*, defaults to `1024`):
-            Maximum length of prompt + completion in tokens. Completions are truncated from the right to fit; a row
-            whose prompt alone leaves no room for a completion token is an error.
-        pad_to_multiple_of (`int`, *optional*):
-            If set, the sequences of a batch are padded to a multiple of this value (as in [`~trl.KTOConfig`]).
+            Maximum length of prompt + completion in tokens. Completions are truncated from the right to fit; rows
+            whose prompt alone leaves no room for a completion token are dropped, as [`~trl.KTOTrainer`] drops them,
+            with a warning that counts them (an error if no row is left).
+        pad_to_multiple_of (`int` or `str`, *optional*, defaults to `"auto"`):
+            If set, the sequences of a batch are padded to a multiple of this value. `"auto"`, as in
+            [`~trl.KTOConfig`], pads to a multiple of 128 on Neuron (AWS Trainium), which compiles once per input shape,
+            and does not pad elsewhere.
         reward_weights (`list[float]`, *optional*):
             Weights of the `reward_funcs` passed to the trainer, all 1.0 by default.
         precompute_ref_batch_size (`int`, *optional*):
@@ -57,6 +63,10 @@ class OfflineRLConfig(BaseConfig):
         metadata={"help": "Whether to disable dropout in the model."},
     )
 
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Whether to offload the activations to the CPU during the training step (needs a GPU)."},
+    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={
@@ -73,13 +83,16 @@ class OfflineRLConfig(BaseConfig):
     max_length: int | None = field(
         default=1024,
         metadata={
-            "help": "Maximum length of prompt + completion in tokens. Completions are truncated from the right; a "
-            "prompt that leaves no room for a completion token is an error."
+            "help": "Maximum length of prompt + completion in tokens. Completions are truncated from the right; rows "
+            "whose prompt leaves no room for a completion token are dropped with a warning."
         },
     )
-    pad_to_multiple_of: int | None = field(
-        default=None,
-        metadata={"help": "If set, the sequences of a batch are padded to a multiple of this value."},
+    pad_to_multiple_of: int | str | None = field(
+        default="auto",
+        metadata={
+            "help": "If set, the sequences of a batch are padded to a multiple of this value; 'auto' pads to a "
+            "multiple of 128 on Neuron and does not pad elsewhere."
+        },
     )
     reward_weights: list[float] | None = field(
         default=None,
@@ -95,6 +108,15 @@ class OfflineRLConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.pad_to_multiple_of, str):  # "auto", or a number or "none" from the command line
+            if self.pad_to_multiple_of == "auto":
+                # Neuron compiles once per input shape, so padding bounds the number of compilations
+                self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+            elif self.pad_to_multiple_of.lower() in ("none", "null"):
+                self.pad_to_multiple_of = None
+            else:
+                self.pad_to_multiple_of = int(self.pad_to_multiple_of)
+        check_activation_offloading(self)
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(
                 f"`max_length` must be at least 2 (a prompt and a completion token), got {self.max_length}."
@@ -105,3 +127,13 @@ class OfflineRLConfig(BaseConfig):
             raise ValueError(f"`pad_to_multiple_of` must be >= 1, got {self.pad_to_multiple_of}.")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"`precompute_ref_batch_size` must be >= 1, got {self.precompute_ref_batch_size}.")
+
+
+def check_activation_offloading(args) -> None:
+    """TRL's activation offloading moves activations from the accelerator to the CPU; on a CPU-only run it fails deep
+    inside the first step, so it is refused up front."""
+    if args.activation_offloading and args.device.type == "cpu":
+        raise ValueError(
+            "`activation_offloading=True` offloads activations from an accelerator (e.g. a GPU) to the CPU, but this "
+            "run trains on the CPU: set `activation_offloading=False`."
+        )

@@ -4,6 +4,11 @@ run on these.
 `build_tiny_model` writes a model and its tokenizer to a folder and returns the path, which a user would pass where
 they pass a hub id, so the loading code exercised is the real `from_pretrained` path.
 
+Two tokenizers: `build_tokenizer`, one token per character (every split of a text is a token boundary, so prompt and
+completion tokens never merge), and `build_bpe_tokenizer`, a byte-level BPE trained on the kit's own texts, whose
+merges cross the prompt/completion boundary as real tokenizers' do and whose chat template also renders `tools` and an
+`enable_thinking` flag, so tests see what reaches the template.
+
 The data is a toy task with a known expert: the prompt is a short string of letters and the expert's completion is
 the same letters sorted. `sort_reward` scores any completion against that expert, so later trainers and benchmarks
 have a programmatic reward.
@@ -14,7 +19,7 @@ import string
 import tempfile
 
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
     GPT2Config,
@@ -49,6 +54,18 @@ CHAT_TEMPLATE = (
 )
 
 
+# The same ChatML, after a system turn listing the tools (as JSON) when `tools` are given and a system line when the
+# `enable_thinking` template argument is true: with these, `tools` and `chat_template_kwargs` show in the tokens.
+BPE_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\nTools:' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- if enable_thinking %}{{- '<|im_start|>system\\nThink first.<|im_end|>\\n' }}{%- endif %}"
+) + CHAT_TEMPLATE
+
+
 def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     """A character-level tokenizer built with `tokenizers`: one token per printable character plus ChatML tokens.
 
@@ -75,6 +92,76 @@ def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     )
 
 
+BPE_VOCAB_SIZE = 400
+
+
+def _bpe_corpus() -> list[str]:
+    """What the BPE learns its merges from: the sorting task in every format the kit makes, rendered as the
+    trainers see it (chat rows through the ChatML template, with and without tools)."""
+    render = build_tokenizer()  # any tokenizer renders the template; only the text is used
+    texts = []
+    for dataset_format in DATASET_FORMATS:
+        for row in make_dataset(dataset_format, num_rows=200, seed=1000):
+            if "text" in row:
+                texts.append(row["text"])
+            elif "messages" in row:
+                texts.append(render.apply_chat_template(row["messages"], tokenize=False))
+            elif isinstance(row["prompt"], str):
+                texts.append(row["prompt"] + row["completion"])
+            else:
+                texts.append(render.apply_chat_template(row["prompt"] + row["completion"], tokenize=False))
+    for dataset_format in SCORED_FORMATS:
+        for row in make_scored_dataset(dataset_format, num_rows=200, seed=1001, score="none"):
+            if isinstance(row["prompt"], str):
+                texts.append(row["prompt"] + row["completion"])
+            else:
+                messages = row["prompt"] + row["completion"]
+                texts.append(render.apply_chat_template(messages, tokenize=False, chat_template=BPE_CHAT_TEMPLATE))
+                texts.append(
+                    render.apply_chat_template(
+                        messages, tokenize=False, chat_template=BPE_CHAT_TEMPLATE, tools=[SORT_TOOL]
+                    )
+                )
+    return texts
+
+
+def build_bpe_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's pre-tokenization) trained with `tokenizers` on the kit's sorting texts
+    (`_bpe_corpus`), with the character tokenizer's special tokens (same ids), pad and eos, and `BPE_CHAT_TEMPLATE`.
+
+    Merges such as `"abc"` span what a prompt ends with and a completion starts with (`"cab=ab"` + `"c"`), so the
+    tokenized prompt is not always a prefix of the tokenized prompt + completion.
+
+    Args:
+        vocab_size: Size of the trained vocabulary: the 256 bytes, the special tokens and the merges. Training is
+            deterministic, so the same size gives the same tokenizer.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise ValueError(f"`vocab_size` must be at least {len(alphabet) + len(SPECIAL_TOKENS)}, got {vocab_size}.")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(_bpe_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=IM_END,
+        additional_special_tokens=[IM_START],
+        chat_template=BPE_CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+TOKENIZERS = ("char", "bpe")
+
+
 def build_tiny_model(
     output_dir: str | None = None,
     *,
@@ -85,6 +172,7 @@ def build_tiny_model(
     tie_word_embeddings: bool = False,
     vocab_size: int | None = None,
     seed: int = 0,
+    tokenizer: str = "char",
 ) -> str:
     """Build a randomly initialised causal LM with the kit's tokenizer, save both, and return the folder path.
 
@@ -93,12 +181,20 @@ def build_tiny_model(
         architecture: `"llama"` or `"gpt2"`. (Not Qwen2: its `AutoTokenizer` mapping corrupts a character tokenizer.)
         hidden_size, num_layers, num_heads: Size of the transformer.
         tie_word_embeddings: Whether the LM head shares the input embedding matrix.
-        vocab_size: Pad the tokenizer's vocabulary to this size (default: the characters and special tokens only).
+        vocab_size: With the character tokenizer, pad its vocabulary to this size (default: the characters and
+            special tokens only); with the BPE, the size it is trained to (default `BPE_VOCAB_SIZE`).
         seed: Seed of the random initialisation.
+        tokenizer: `"char"` (`build_tokenizer`) or `"bpe"` (`build_bpe_tokenizer`). The model's vocabulary is the
+            tokenizer's length.
     """
     import torch
 
-    tokenizer = build_tokenizer(vocab_size)
+    if tokenizer == "char":
+        tokenizer = build_tokenizer(vocab_size)
+    elif tokenizer == "bpe":
+        tokenizer = build_bpe_tokenizer(BPE_VOCAB_SIZE if vocab_size is None else vocab_size)
+    else:
+        raise ValueError(f"`tokenizer` must be one of {TOKENIZERS}, got {tokenizer!r}.")
     common = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -206,6 +302,17 @@ def make_dataset(dataset_format: str, num_rows: int = 64, seed: int = 0) -> Data
         else:
             raise ValueError(f"Unknown dataset format {dataset_format!r}; expected one of {DATASET_FORMATS}.")
     return Dataset.from_list(rows)
+
+
+# A tool in the JSON-schema form chat templates take, for data with a `tools` column
+SORT_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "sort_letters",
+        "description": "Sort the letters of a string.",
+        "parameters": {"type": "object", "properties": {"letters": {"type": "string"}}, "required": ["letters"]},
+    },
+}
 
 
 def sort_reward_func(prompts: list, completions: list, **kwargs) -> list[float]:

@@ -5,22 +5,24 @@ DeepSpeed ZeRO-3."""
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 from accelerate.utils import broadcast_object_list, is_peft_model
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import is_conversational
 from trl.data_utils import common_prefix_length
-from trl.models import prepare_deepspeed
+from trl.models import get_act_offloading_ctx_manager, prepare_deepspeed
 
 from ._trl_compat import (
     BaseTrainer,
@@ -33,16 +35,29 @@ from ._trl_compat import (
     use_adapter,
 )
 from .collator import DataCollatorForRewardedCompletions
-from .data import to_rewarded_dataset
+from .data import chat_template_kwargs, column_names, drop_long_prompts, map_kwargs, to_rewarded_dataset
 from .model_card import model_card_name, write_model_card
 from .offline_config import OfflineRLConfig
 from .precompute import map_rows
+from .quantization import cast_adapters_to_bf16, is_quantized, keep_4bit_layers_differentiable, peft_model_kwargs
 from .rewards import load_reward_funcs, prepare_reward_funcs, rewards_fingerprint, score_batch
 
 
 logger = logging.get_logger(__name__)
 
 PRECOMPUTE_FILE = "precompute_state.pt"  # in `output_dir` and every checkpoint: what a resume reuses
+# What stands for a streamed dataset where its rows must be summed up before training (statistics, a fingerprint)
+STREAM_SAMPLE_ROWS = 1000
+
+
+def _field_defaults(config_class) -> dict:
+    defaults = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
 class _LogAtTrainBegin(TrainerCallback):
@@ -65,6 +80,8 @@ class OfflineRLTrainer(BaseTrainer):
 
     loss_is_scaled_for_ga = False
     _config_class: type[TrainingArguments]
+    # Fields of `_config_class` that `KTOConfig` also has with another meaning: never carried over from one
+    _fields_meaning_otherwise: tuple[str, ...] = ("beta", "loss_type")
 
     def __init__(
         self,
@@ -80,20 +97,20 @@ class OfflineRLTrainer(BaseTrainer):
         compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
+        quantization_config=None,
         peft_config=None,
     ):
         args = self._as_config(model, args)
         if train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs a `train_dataset`.")
         for name, dataset in {"train": train_dataset, **self._named(eval_dataset)}.items():
-            if not isinstance(dataset, Dataset):  # the advantages are computed once over the whole dataset
-                raise TypeError(
-                    f"The {name} dataset must be a map-style `datasets.Dataset`, got {type(dataset).__name__}."
-                )
-            if len(dataset) == 0:
-                raise ValueError(f"The {name} dataset is empty: there is nothing to train or evaluate on.")
+            self._check_dataset_type(dataset, name, args, reward_funcs)
+        self._check_liger_kernel(args)
         set_seed(args.seed)  # PEFT initialises adapters randomly
-        model = self._load_model(model, args)
+        model = self._load_model(model, args, quantization_config)
+        quantized = is_quantized(model)
+        if quantized:
+            keep_4bit_layers_differentiable(model)
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object; omit `ref_model` to use the model.")
         if processing_class is None:
@@ -108,6 +125,7 @@ class OfflineRLTrainer(BaseTrainer):
             processing_class.pad_token = processing_class.eos_token
         model.config.get_text_config().pad_token_id = processing_class.pad_token_id
         model = self._maybe_wrap_peft(model, peft_config, args)
+        self._prepare_peft_training(model, args, quantized)
         # Without a separate reference, the model at this point is the reference (reference passes run before any
         # training step); a LoRA adapter the trainer just created starts at zero, so disabling it is the same model
         self._reference_disables_adapters = peft_config is not None and ref_model is None
@@ -193,18 +211,44 @@ class OfflineRLTrainer(BaseTrainer):
             return args
         dict_args = args.to_dict()
         dict_args["hub_token"] = args.hub_token  # to_dict hides it
-        # Another trainer's config (e.g. a `KTOConfig`): its training fields and the fields every offline trainer
-        # shares carry over; its method's fields do not, since a name may mean something else here (KTO's `beta` is
-        # not DRO's)
-        known = {f.name for f in dataclasses.fields(OfflineRLConfig) if f.init}
-        dropped = sorted(k for k in dict_args if k not in known)
-        if dropped:
-            logger.warning(
-                f"`args` is a {type(args).__name__}, not a {self._config_class.__name__}: its fields {dropped} are "
-                f"ignored, and the {self._name} fields take their defaults. Pass a {self._config_class.__name__} to "
-                "set them."
+        # Another trainer's config (e.g. a `KTOConfig`): its training fields carry over. Its method's fields carry
+        # over only where the name means the same here and the user set it; a field with no meaning here (or another
+        # one, as KTO's `beta` is not DRO's) is an error if set away from its default, and dropped otherwise
+        shared = {f.name for f in dataclasses.fields(OfflineRLConfig) if f.init}
+        ours = {f.name for f in dataclasses.fields(self._config_class) if f.init} - set(self._fields_meaning_otherwise)
+        source_defaults = _field_defaults(type(args))
+        changed = {k for k in dict_args if k in source_defaults and getattr(args, k) != source_defaults[k]}
+        not_ours = sorted(k for k in changed if k not in shared and k not in ours)
+        if not_ours:
+            raise ValueError(
+                f"`args` is a {type(args).__name__} that sets {not_ours}, which {self._name} does not have or reads "
+                f"differently: pass a {self._config_class.__name__} (see docs/parity.md for what each field does)."
             )
-        return self._config_class(**{k: v for k, v in dict_args.items() if k in known})
+        kept = {k: v for k, v in dict_args.items() if k in shared or (k in ours and k in changed)}
+        return self._config_class(**kept)
+
+    def streaming_refusal(self, args) -> str | None:
+        """Why this trainer cannot train on a streamed `IterableDataset` with `args`, or `None` if it can."""
+        return None
+
+    def _check_dataset_type(self, dataset, name: str, args, reward_funcs) -> None:
+        if isinstance(dataset, IterableDataset):
+            reason = self.streaming_refusal(args)
+            if reason is None and reward_funcs is not None:
+                reason = "`reward_funcs` score every row once before training"
+            if reason is not None:
+                raise TypeError(
+                    f"The {name} dataset is an IterableDataset (streaming), which {self._name} cannot take here: "
+                    f"{reason}. Pass a map-style `datasets.Dataset`."
+                )
+            # As `KTOTrainer`: accelerate's dispatching would concatenate batches that processes read apart
+            args.accelerator_config.dispatch_batches = False
+        elif not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"The {name} dataset must be a `datasets.Dataset` or `IterableDataset`, got {type(dataset).__name__}."
+            )
+        elif len(dataset) == 0:
+            raise ValueError(f"The {name} dataset is empty: there is nothing to train or evaluate on.")
 
     @staticmethod
     def _named(datasets) -> dict:
@@ -218,17 +262,52 @@ class OfflineRLTrainer(BaseTrainer):
             return {name: fn(dataset, name) for name, dataset in datasets.items()}
         return fn(datasets, "eval")
 
-    def _load_model(self, model, args):
+    @staticmethod
+    def _check_liger_kernel(args) -> None:
+        """Liger's kernels as `KTOTrainer` takes them: its fused linear cross-entropy would replace the forward that
+        TRL's fused LM head patches, so only the layer kernels are applied (`Trainer.train` applies them)."""
+        if not args.use_liger_kernel:
+            return
+        warnings.warn(
+            "`use_liger_kernel=True` is deprecated and will be removed in TRL v2.0.0; load the Hub kernels with "
+            '`model_init_kwargs={"use_kernels": True}` instead.',
+            FutureWarning,
+            stacklevel=3,
+        )
+        liger_kernel_config = args.liger_kernel_config or {}
+        if liger_kernel_config.get("fused_linear_cross_entropy"):
+            raise ValueError(
+                '`liger_kernel_config={"fused_linear_cross_entropy": True}` is not supported: that kernel replaces '
+                "the model's forward, which the trainer patches to compute log-probabilities with a fused LM head. "
+                "Leave it unset (it is turned off) to use the other Liger kernels."
+            )
+        args.liger_kernel_config = {**liger_kernel_config, "fused_linear_cross_entropy": False}
+
+    def _load_model(self, model, args, quantization_config=None):
         if not isinstance(model, str):
             if args.model_init_kwargs is not None:
                 logger.warning("`model_init_kwargs` are ignored: the model is already instantiated.")
+            if quantization_config is not None:
+                raise ValueError(
+                    "`quantization_config` applies when the trainer loads the model from a path or hub id, but the "
+                    "model is already instantiated: pass its path, or load it quantized yourself and omit "
+                    "`quantization_config`."
+                )
             return model
-        return create_model_from_path(model, **self.model_init_kwargs(args))
+        return create_model_from_path(model, **self.model_init_kwargs(args, quantization_config))
 
     @staticmethod
-    def model_init_kwargs(args) -> dict:
-        """`from_pretrained` keyword arguments of the models the trainer loads from a path."""
+    def model_init_kwargs(args, quantization_config=None) -> dict:
+        """`from_pretrained` keyword arguments of the models the trainer loads from a path, with the trainer's
+        `quantization_config` among them."""
         model_init_kwargs = dict(args.model_init_kwargs or {})
+        if quantization_config is not None:
+            if "quantization_config" in model_init_kwargs:
+                raise ValueError(
+                    "`quantization_config` is given both to the trainer and in `args.model_init_kwargs`: give it in "
+                    "one place (the trainer argument, as TRL's scripts do)."
+                )
+            model_init_kwargs["quantization_config"] = quantization_config
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             model_init_kwargs["device_map"] = None  # "auto" fails under distributed training
         model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
@@ -237,35 +316,57 @@ class OfflineRLTrainer(BaseTrainer):
     def _maybe_wrap_peft(self, model, peft_config, args):
         if peft_config is None:
             return model
-        from peft import get_peft_model
+        from peft import PeftConfig, get_peft_model
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(
+                f"`peft_config` must be a `peft.PeftConfig` (e.g. `peft.LoraConfig`), got {type(peft_config).__name__}."
+            )
         if is_peft_model(model):
             raise ValueError("You passed a PEFT model and a `peft_config`; merge the adapter first or pass one.")
-        kwargs = {}
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            # ZeRO-3 gathers parameters into buffers of one dtype: keep the adapters in the model's (as TRL does)
-            kwargs["autocast_adapter_dtype"] = False
-        model = get_peft_model(model, peft_config, **kwargs)
+        model = get_peft_model(model, peft_config, **peft_model_kwargs(model, args))
         if isinstance(model.get_output_embeddings(), BaseTunerLayer):
             raise ValueError(
                 "A PEFT adapter on `lm_head` is not supported: log-probabilities are computed from `lm_head.weight` "
                 "directly, so the adapter would never be trained. Remove 'lm_head' from `target_modules`."
             )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
         return model
+
+    @staticmethod
+    def _prepare_peft_training(model, args, quantized: bool) -> None:
+        """What a PEFT model needs to train as `KTOTrainer` trains it: reentrant checkpointing under ZeRO-3, inputs that
+        carry gradients through checkpointed layers, and QLoRA adapters in bf16."""
+        if not is_peft_model(model):
+            return
+        if args.gradient_checkpointing:
+            if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+                # ZeRO-3 fetches a PEFT model's parameters wrongly in a non-reentrant recomputation (TRL issue 2514)
+                kwargs = dict(args.gradient_checkpointing_kwargs or {})
+                if kwargs.get("use_reentrant") is False:
+                    logger.warning(
+                        "PEFT with DeepSpeed ZeRO-3 and gradient checkpointing needs `use_reentrant=True`: the "
+                        "`use_reentrant=False` of `gradient_checkpointing_kwargs` is overridden. Unset it or set it to "
+                        "True to silence this warning."
+                    )
+                args.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": True}
+            # Frozen embeddings would give a checkpointed layer no input that requires grad (transformers issue 42489)
+            model.enable_input_require_grads()
+        if quantized:
+            cast_adapters_to_bf16(model)
 
     # -- data --------------------------------------------------------------------------------------------------------
 
-    def _prepare_dataset(self, dataset: Dataset, args, name: str) -> Dataset:
+    def _prepare_dataset(self, dataset: Dataset | IterableDataset, args, name: str) -> Dataset | IterableDataset:
         """Rows with a float `reward` (from the data or `reward_funcs`), `prompt_ids` and `completion_ids` that fit
-        in `max_length`; every check names the column and the row."""
-        if "prompt_ids" in dataset.column_names:  # already prepared, e.g. by a previous call
+        in `max_length`, tokenized as `KTOTrainer` tokenizes them; rows whose prompt alone fills `max_length` are
+        dropped (with a warning), as `KTOTrainer` drops them. Every check names the column and the row. A streamed
+        dataset is prepared lazily, as it streams."""
+        if "prompt_ids" in column_names(dataset):  # already prepared, e.g. by a previous call
             return dataset
         num_proc = args.dataset_num_proc
         if self.reward_funcs is not None:
-            if "reward" in dataset.column_names:
+            if "reward" in column_names(dataset):
                 raise ValueError(
                     f"The {name} dataset has a 'reward' column and `reward_funcs` were given: pass one source of "
                     "rewards (drop the column or the functions)."
@@ -274,22 +375,14 @@ class OfflineRLTrainer(BaseTrainer):
             dataset = to_rewarded_dataset(dataset, requires_reward=False, name=name, num_proc=num_proc)
         else:
             dataset = to_rewarded_dataset(dataset, name=name, num_proc=num_proc)
-        dataset = dataset.map(
-            self._tokenize_row, num_proc=num_proc, desc=f"Tokenizing {name} dataset", load_from_cache_file=True
-        )
+        dataset = dataset.map(self._tokenize_row, **map_kwargs(dataset, num_proc, f"Tokenizing {name} dataset"))
         if args.max_length is not None:
-            too_long = [i for i, n in enumerate(dataset["prompt_ids"]) if len(n) >= args.max_length]
-            if too_long:
-                raise ValueError(
-                    f"Rows {too_long[:10]} of the {name} dataset ({len(too_long)} in all) have prompts of "
-                    f"{len(dataset[too_long[0]]['prompt_ids'])}+ tokens, leaving no room for a completion within "
-                    f"`max_length={args.max_length}`. Raise `max_length` or shorten or drop those prompts."
-                )
+            # Before anything counts or scores the rows: `reward_funcs` and the reference passes see the kept ones
+            dataset = drop_long_prompts(dataset, args.max_length, name, num_proc)
             room = args.max_length
             dataset = dataset.map(
                 lambda row: {"completion_ids": row["completion_ids"][: room - len(row["prompt_ids"])]},
-                num_proc=num_proc,
-                desc=f"Truncating {name} completions to max_length",
+                **map_kwargs(dataset, num_proc, f"Truncating {name} completions to max_length"),
             )
         return dataset
 
@@ -299,12 +392,14 @@ class OfflineRLTrainer(BaseTrainer):
         return self.with_rewards(dataset, "eval") if self.reward_funcs is not None else dataset
 
     def _tokenize_row(self, row: dict) -> dict[str, list[int]]:
-        """Prompt and completion ids; the completion starts where the tokenized prompt and prompt + completion
-        diverge, as in TRL's `KTOTrainer`."""
+        """Prompt and completion ids as TRL's `KTOTrainer` makes them: conversational rows through the chat template
+        with their `tools` and `chat_template_kwargs`, standard ones with an eos after the completion; the completion
+        starts where the tokenized prompt and prompt + completion diverge."""
         tokenizer = self._tokenizer
         if is_conversational(row):
-            prompt_ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
-            full_ids = tokenize(tokenizer, row["prompt"] + row["completion"])["input_ids"]
+            kwargs = chat_template_kwargs(row)
+            prompt_ids = tokenize(tokenizer, row["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
+            full_ids = tokenize(tokenizer, row["prompt"] + row["completion"], **kwargs)["input_ids"]
         else:
             completion = row["completion"]
             if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
@@ -312,6 +407,17 @@ class OfflineRLTrainer(BaseTrainer):
             prompt_ids = tokenize(tokenizer, row["prompt"])["input_ids"]
             full_ids = tokenize(tokenizer, row["prompt"] + completion)["input_ids"]
         prompt_len = common_prefix_length(prompt_ids, full_ids)
+        if prompt_len < len(prompt_ids):
+            # A template that renders the prompt alone differently, or tokens merging across the boundary
+            logger.warning_once(
+                "A tokenized prompt is not a prefix of its tokenized prompt + completion (the chat template renders "
+                "the prompt alone differently, or tokens merge across the boundary). As in TRL's KTOTrainer, the "
+                "completion starts where the two diverge and the rest of the prompt, "
+                f"{tokenizer.decode(prompt_ids[prompt_len:])!r}, is not part of the training sequence, so the "
+                "model learns from a context slightly unlike the one it is prompted with. End prompts on a token "
+                "boundary, or use a template that renders the prompt alike in both cases. Shown once; it likely "
+                "applies to many rows."
+            )
         return {"prompt_ids": prompt_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
 
     def _set_signature_columns_if_needed(self):
@@ -527,8 +633,10 @@ class OfflineRLTrainer(BaseTrainer):
     def data_fingerprint(self, dataset: Dataset) -> str:
         """A hash of the rows the precompute read (their tokens, and their rewards unless `reward_funcs` computed
         them), the same in every run on the same data, in memory or not: a resume checks it before it reuses a
-        checkpoint's precompute state."""
+        checkpoint's precompute state. A stream is known by its first `STREAM_SAMPLE_ROWS` rows."""
         columns = ["prompt_ids", "completion_ids"] + (["reward"] if self.reward_funcs is None else [])
+        if isinstance(dataset, IterableDataset):
+            dataset = dataset.take(STREAM_SAMPLE_ROWS)
         hasher = Hasher()
         for batch in dataset.select_columns(columns).iter(batch_size=10_000):  # never every row at once
             hasher.update(batch)
@@ -594,6 +702,17 @@ class OfflineRLTrainer(BaseTrainer):
         aux_loss = outputs.aux_loss
         self.log_row_metrics(mode, {"aux_loss": aux_loss.detach().float().expand(num_rows)}, {"aux_loss": "rows"})
         return loss + self.router_aux_loss_coef * aux_loss
+
+    @functools.cached_property
+    def _activation_offload_context(self):
+        if not self.args.activation_offloading:
+            return contextlib.nullcontext()
+        return get_act_offloading_ctx_manager(model=self.model)
+
+    def training_step(self, *args, **kwargs):
+        # As `KTOTrainer`: the step's activations go to the CPU when `activation_offloading` asks for it
+        with self._activation_offload_context:
+            return super().training_step(*args, **kwargs)
 
     # What `compute_metrics` receives per evaluation row, in this order, with the row's reward as `label_ids`
     PREDICTION_COLUMNS = ("logp", "ref_logp", "value")

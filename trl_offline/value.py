@@ -423,11 +423,18 @@ class PromptValueModel(PromptEndValueHead):
         super().save_pretrained(path, state_dict)
 
     def load_weights(self, path: str) -> None:
+        from accelerate.utils import is_peft_model
         from safetensors.torch import load_file
         from transformers.trainer_utils import load_sharded_checkpoint
 
         single_file = os.path.join(path, "model.safetensors")
-        if os.path.isfile(single_file):
+        if is_peft_model(self.body):  # a LoRA'd body (DRO on a quantized base): its adapter is all that was saved
+            from peft import set_peft_model_state_dict
+
+            name = self.body.active_adapter
+            folder = path if name == "default" else os.path.join(path, name)  # where PEFT saves each adapter
+            set_peft_model_state_dict(self.body, load_file(os.path.join(folder, "adapter_model.safetensors")), name)
+        elif os.path.isfile(single_file):
             self.body.load_state_dict(load_file(single_file))
         else:  # a large body is written in shards, with an index
             load_sharded_checkpoint(self.body, path, strict=True)

@@ -445,29 +445,32 @@ def test_bad_datasets_are_refused(tmp_path, tiny_model_path, rows, kwargs, error
         ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=Dataset.from_list(rows), **kwargs)
 
 
-def test_prompts_too_long_for_max_length_are_named(tmp_path, tiny_model_path):
+def test_prompts_too_long_for_max_length_are_dropped_with_a_warning(tmp_path, tiny_model_path, caplog):
     rows = [
         {"prompt": "ab=", "completion": "ab", "reward": 1.0},
         {"prompt": "abcdefg=", "completion": "abcdefg", "reward": 0.0},
         {"prompt": "abc=", "completion": "abc", "reward": 0.5},
         {"prompt": "hgfedcb=", "completion": "bcdefgh", "reward": 0.2},
     ]
-    with pytest.raises(ValueError, match=r"Rows \[1, 3\] of the train dataset \(2 in all\).*max_length=6"):
-        ALoLTrainer(tiny_model_path, args=_config(tmp_path, max_length=6), train_dataset=Dataset.from_list(rows))
-    with pytest.raises(ValueError, match=r"Rows \[1, 3\] of the eval dataset"):
-        ALoLTrainer(
-            tiny_model_path,
-            args=_config(tmp_path, max_length=6),
-            train_dataset=Dataset.from_list(rows[::2]),
-            eval_dataset=Dataset.from_list(rows),
-        )
+    trainer = ALoLTrainer(
+        tiny_model_path,
+        args=_config(tmp_path, max_length=6),
+        train_dataset=Dataset.from_list(rows[::2]),
+        eval_dataset=Dataset.from_list(rows),
+    )
+    assert "Dropped 2 of the 4 rows of the eval dataset (rows [1, 3])" in caplog.text and "max_length=6" in caplog.text
+    assert trainer.eval_dataset["reward"] == [1.0, 0.5]  # as KTOTrainer filters them
+    with pytest.raises(ValueError, match=r"Every row of the train dataset \(2\).*`max_length=6`"):
+        ALoLTrainer(tiny_model_path, args=_config(tmp_path, max_length=6), train_dataset=Dataset.from_list(rows[1::2]))
 
 
 def test_iterable_datasets_are_refused(tmp_path, tiny_model_path):
     dataset = make_scored_dataset("prompt_completion", 8)
-    with pytest.raises(TypeError, match="train dataset must be a map-style `datasets.Dataset`, got IterableDataset"):
+    with pytest.raises(
+        TypeError, match="The train dataset is an IterableDataset .streaming., which A-LoL cannot take"
+    ):
         ALoLTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset.to_iterable_dataset())
-    with pytest.raises(TypeError, match="eval dataset must be a map-style"):
+    with pytest.raises(TypeError, match="The eval dataset is an IterableDataset"):
         ALoLTrainer(
             tiny_model_path,
             args=_config(tmp_path),

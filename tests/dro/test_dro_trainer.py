@@ -1,3 +1,4 @@
+import copy
 import glob
 import json
 import os
@@ -221,16 +222,16 @@ def test_value_network_has_its_own_learning_rate_in_the_optimizer(tmp_path, tiny
 
 
 @pytest.mark.parametrize("dataset_format", ["prompt_completion", "conversational_prompt_completion"])
-def test_a_kto_dataset_and_config_run_unchanged(tmp_path, tiny_model_path, dataset_format, caplog):
+def test_a_kto_dataset_and_config_run_unchanged(tmp_path, tiny_model_path, dataset_format):
     # What a KTOTrainer user has: prompt / completion / label rows and a KTOConfig. The config's training fields carry
-    # over; KTO's own fields (its beta means something else) are named and dropped
+    # over; KTO's own fields, left at KTO's defaults, give way to DRO's (setting one is an error:
+    # tests/test_trl_arguments.py)
     kto_args = KTOConfig(
-        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2, per_device_train_batch_size=4, beta=0.3
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2, per_device_train_batch_size=4
     )
     trainer = DROTrainer(tiny_model_path, args=kto_args, train_dataset=_labelled(dataset_format=dataset_format))
     assert isinstance(trainer.args, DROConfig) and trainer.args.max_steps == 2
     assert trainer.args.beta == 1.0 and trainer.args.precompute_ref_log_probs  # DRO's defaults, not KTO's
-    assert "'beta'" in caplog.text and "'desirable_weight'" in caplog.text
     trainer.train()
     assert trainer.state.global_step == 2
 
@@ -277,10 +278,10 @@ def test_plain_training_arguments_are_converted(tmp_path, tiny_model_path):
         ),
         (
             [
-                {"prompt": "ab=", "completion": "ab", "label": True},
+                {"prompt": "abcdefgh=", "completion": "ab", "label": True},
                 {"prompt": "abcdefg=", "completion": "a", "label": False},
             ],
-            r"Rows \[1\] of the train dataset .*max_length=6",
+            r"Every row of the train dataset \(2\) has a prompt of `max_length=6` tokens or more",
         ),
     ],
 )
@@ -549,3 +550,99 @@ def test_compute_metrics_gets_each_rows_log_probs_value_and_reward(tmp_path, tin
     assert prediction.predictions[:, 1] == pytest.approx(list(evaluation["ref_logp"]), abs=1e-6)
     assert prediction.predictions[:, 2] == pytest.approx([0.0] * 7, abs=1e-6)
     assert prediction.label_ids == pytest.approx(list(evaluation["reward"]), abs=1e-6)
+
+
+# -- a user's optimizer -----------------------------------------------------------------------------------------------
+
+
+def test_a_user_optimizer_must_hold_the_value_network(tmp_path, tiny_model_path):
+    # Built before the trainer, an optimizer cannot hold the value network the trainer builds: refused at once
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with pytest.raises(ValueError, match=r"does not hold \d+ of the \d+ parameters of DRO's value network"):
+        DROTrainer(
+            model,
+            args=_config(tmp_path / "early"),
+            train_dataset=_labelled(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+
+    trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=_labelled())
+    value_ids = {id(p) for p in trainer.value_parameters()}
+    # The policy's parameters only: the value network would never train
+    trainer.optimizer = torch.optim.SGD([p for p in trainer.model.parameters() if id(p) not in value_ids], lr=0.1)
+    with pytest.raises(ValueError, match="trainer.model.parameters()"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    # Every parameter, but with `value_learning_rate`, which only the trainer's own optimizer can apply
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    trainer.args.value_learning_rate = 0.5
+    with pytest.raises(ValueError, match="`value_learning_rate=0.5` sets the value network's learning rate"):
+        trainer.train()
+
+    # Built after the trainer over the whole model, it is used as it is and trains both networks
+    trainer.args.value_learning_rate = None
+    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    trainer.optimizer = optimizer
+    value_before, policy_before = _parameters(trainer.value_model), _parameters(trainer.model.model)
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.optimizer.optimizer is optimizer  # accelerate wraps it
+    assert all(not torch.equal(p, value_before[n]) for n, p in trainer.value_model.named_parameters())
+    changed = [n for n, p in trainer.model.model.named_parameters() if not torch.equal(p, policy_before[n])]
+    assert any(not n.startswith("dro_value.") for n in changed)
+
+
+# -- a pretrained PEFT model --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value_network", ["separate", "adapter"])
+def test_a_pretrained_peft_model_is_its_own_reference(tmp_path, tiny_model_path, value_network):
+    # An adapter already trained (LoRA B non-zero), passed as the model: the reference is the model as passed, in
+    # both reference modes, as KTOTrainer has it
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    pretrained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), LORA)
+    for name, parameter in pretrained.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    dataset, common = _labelled(), dict(value_network=value_network, max_steps=2)
+    precomputed = DROTrainer(copy.deepcopy(pretrained), args=_config(tmp_path / "a", **common), train_dataset=dataset)
+    live = DROTrainer(
+        pretrained, args=_config(tmp_path / "b", precompute_ref_log_probs=False, **common), train_dataset=dataset
+    )
+    assert live.ref_model is None and "ref" in live.model.peft_config
+
+    def live_reference_logps(indices):
+        batch = live._prepare_inputs(live.collate_rows(live.train_dataset, indices))
+        with torch.no_grad(), live._live_reference(live.model) as reference:
+            return live._sequence_logps(reference(**_forward_kwargs(batch)), batch["completion_mask"]), batch
+
+    indices = [0, 5, 11]
+    expected = torch.tensor(precomputed.train_dataset.select(indices)["ref_logp"])
+    live_logps, batch = live_reference_logps(indices)
+    torch.testing.assert_close(live_logps, expected, rtol=0, atol=1e-4)
+    with torch.no_grad():  # the base alone is another model
+        base_logps = naive_sequence_logps(AutoModelForCausalLM.from_pretrained(tiny_model_path), batch)
+    assert (base_logps - expected).abs().max() > 0.1
+
+    before = _parameters(live.model)
+    live.train()
+    changed = {name for name, p in live.model.named_parameters() if not torch.equal(p, before[name])}
+    trainable = {name for name, p in live.model.named_parameters() if p.requires_grad}
+    assert changed <= trainable and not any(".ref." in name for name in trainable)
+    assert any("lora_B.default." in name for name in changed) and any(".dro_value." in name for name in changed)
+    if value_network == "adapter":
+        assert any("lora_B.value." in name for name in changed)
+    # The frozen copy still gives the reference of before training, while the policy has moved
+    torch.testing.assert_close(live_reference_logps(indices)[0], expected, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(naive_sequence_logps(live.model, batch), expected, atol=1e-3)
+
+
+def test_a_peft_model_with_an_adapter_named_ref_is_refused_for_live_reference_passes(tmp_path, tiny_model_path):
+    from peft import get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), LORA)
+    model.add_adapter("ref", LORA)
+    with pytest.raises(ValueError, match="The model already has an adapter named 'ref'"):
+        DROTrainer(model, args=_config(tmp_path, precompute_ref_log_probs=False), train_dataset=_labelled())

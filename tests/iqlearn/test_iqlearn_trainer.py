@@ -267,3 +267,49 @@ def test_an_empty_dataset_is_named_before_training(tmp_path, tiny_model_path):
     empty = Dataset.from_dict({"prompt": [], "completion": []})
     with pytest.raises(ValueError, match="The train dataset is empty"):
         IQLearnTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=empty)
+
+
+# -- Mixture-of-Experts and Liger ---------------------------------------------------------------------------------------
+
+
+def test_moe_load_balancing_loss_is_added_as_sft_adds_it(tmp_path, tiny_moe_model_path):
+    dataset = make_dataset("prompt_completion", 8)
+    trainer = IQLearnTrainer(
+        tiny_moe_model_path, args=_config(tmp_path, td_coef=0.3, gamma=0.9, max_steps=2), train_dataset=dataset
+    )
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.02  # the config's own coefficient
+    batch = first_batch(trainer)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_moe_model_path)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        plain, _ = naive_iqlearn_loss(reference, batch, td_coef=0.3, gamma=0.9)
+        # The load-balancing loss of the model's own forward, computed by transformers
+        expected_aux = reference(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
+        ).aux_loss
+        assert expected_aux > 0
+        torch.testing.assert_close(loss, plain + 0.02 * expected_aux, rtol=1e-5, atol=1e-6)
+        # With the loss normalised over an accumulated batch, the per-micro-batch aux loss is averaged over its steps
+        trainer.current_gradient_accumulation_steps = 2
+        num_tokens = (batch["labels"][:, 1:] != -100).sum()
+        accumulated = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_tokens)
+        torch.testing.assert_close(accumulated, plain + 0.01 * expected_aux, rtol=1e-5, atol=1e-6)
+    trainer.train()  # and it trains with it, logging it
+    logged = [log["aux_loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(logged) == 2 and all(aux > 0 for aux in logged)
+
+    off = IQLearnTrainer(
+        tiny_moe_model_path,
+        args=_config(tmp_path / "off", td_coef=0.3, gamma=0.9, router_aux_loss_coef=0.0),
+        train_dataset=dataset,
+    )
+    assert not off.aux_loss_enabled
+    with torch.no_grad():
+        torch.testing.assert_close(off.compute_loss(off.model, dict(batch)), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_fused_linear_cross_entropy_is_refused(tmp_path, tiny_model_path):
+    # It would replace the forward that carries the soft-Q head; Liger's layer kernels alone leave it in place
+    args = _config(tmp_path, use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy.*IQLearn reads `Q\\(s, a\\)` and `V\\(s\\)`"):
+        IQLearnTrainer(tiny_model_path, args=args, train_dataset=make_dataset("prompt_completion", 8))

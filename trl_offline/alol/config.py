@@ -35,6 +35,9 @@ class ALoLConfig(OfflineRLConfig):
             Importance weights are clamped to `[1 - clip_epsilon, 1 + clip_epsilon]` (the paper's HH runs use 0.9).
         kl_coef (`float`, *optional*, defaults to `0.1`):
             Weight of the penalty `log pi(y|x) - log pi_ref(y|x)` of `"alol_kl"`; unused by the other variants.
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
+            Always `True`, as [`~trl.KTOConfig`]'s field of that name set: the advantages need the reference over every
+            training row before training. `False` is an error.
         priority_sampling (`bool`, *optional*, defaults to `True`):
             Draw training rows with probability proportional to their positive advantage (with replacement), as the
             paper does. An epoch is as many draws as there are positive rows. When `False`, every positive row is
@@ -83,6 +86,13 @@ class ALoLConfig(OfflineRLConfig):
         default=0.1,
         metadata={"help": "Weight of the KL penalty of 'alol_kl'; unused by the other variants."},
     )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Always True: the advantages need the reference over every training row before training. Kept "
+            "so that a KTO script that sets it runs unchanged; False is an error."
+        },
+    )
     priority_sampling: bool = field(
         default=True,
         metadata={
@@ -123,6 +133,11 @@ class ALoLConfig(OfflineRLConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.precompute_ref_log_probs:
+            raise ValueError(
+                "A-LoL always precomputes the reference log-probabilities: its advantages need the reference's "
+                "values over every training row before training. Leave `precompute_ref_log_probs=True`."
+            )
         if self.loss_type not in VARIANTS:
             raise ValueError(f"`loss_type` must be one of {VARIANTS}, got {self.loss_type!r}.")
         if not 0 <= self.clip_epsilon < 1:

@@ -55,6 +55,8 @@ class ALoLTrainer(OfflineRLTrainer):
         reward_funcs: Reward functions with GRPO's signature, sequence-classification models or paths to them, or a
             list of them (weighted by `args.reward_weights`). With them, the value head is fit on the rewards of the
             reference's own greedy generations, as in the paper.
+        quantization_config ([`~transformers.BitsAndBytesConfig`], *optional*): Quantization of the model when it is
+            loaded from a path; with `peft_config`, QLoRA. An error with a model already instantiated.
         Everything else: as in [`~trl.KTOTrainer`].
     """
 
@@ -88,6 +90,7 @@ class ALoLTrainer(OfflineRLTrainer):
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
+        quantization_config=None,
         peft_config=None,
     ):
         super().__init__(
@@ -103,6 +106,7 @@ class ALoLTrainer(OfflineRLTrainer):
             compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            quantization_config=quantization_config,
             peft_config=peft_config,
         )
         self.value_head: AttentionPoolingValueHead | None = None
@@ -118,6 +122,9 @@ class ALoLTrainer(OfflineRLTrainer):
         if self.eval_dataset is not None:
             self.eval_dataset = self._map_named(self.eval_dataset, self._score_eval)
         self.release_reference_engine()
+
+    def streaming_refusal(self, args) -> str:
+        return "its value head and the advantages need a pass over every row before training"
 
     @functools.cached_property
     def _train_fingerprint(self) -> str:

@@ -6,14 +6,16 @@ import textwrap
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import AutoModel
 from transformers.utils import logging
 from trl import create_reference_model
 
 from .._trl_compat import create_model_from_path, disable_dropout_in_model, use_adapter
+from ..data import column_names, map_kwargs
 from ..losses import dro_loss
-from ..offline_trainer import OfflineRLTrainer
+from ..offline_trainer import STREAM_SAMPLE_ROWS, OfflineRLTrainer
+from ..quantization import cast_adapters_to_bf16, is_quantized, keep_4bit_layers_differentiable, peft_model_kwargs
 from ..value import AdapterValueHead, PromptEndValueHead, PromptValueModel
 from .config import DROConfig
 from .joint_model import VALUE_ATTR, attach_value_model, value_state_dict
@@ -22,6 +24,9 @@ from .joint_model import VALUE_ATTR, attach_value_model, value_state_dict
 logger = logging.get_logger(__name__)
 
 VALUE_DIR = "value"  # the value network's subfolder in saved models and checkpoints
+REF_ADAPTER = "ref"  # the frozen copy of a pretrained adapter that live reference passes run with (KTO's name)
+# The LoRA adapter of a separate value body on a quantized base; PEFT saves it in `value/body/`
+VALUE_BODY_ADAPTER = "body"
 
 
 class DROTrainer(OfflineRLTrainer):
@@ -51,6 +56,9 @@ class DROTrainer(OfflineRLTrainer):
             or conversational.
         reward_funcs: Reward functions with GRPO's signature, sequence-classification models or paths to them, or a
             list of them (weighted by `args.reward_weights`), scoring every row once before training.
+        quantization_config ([`~transformers.BitsAndBytesConfig`], *optional*): Quantization of the model when it is
+            loaded from a path; with `peft_config`, QLoRA. An error with a model already instantiated. The models the
+            trainer loads beside the policy (a live reference, the separate value network's body) are quantized alike.
         Everything else: as in [`~trl.KTOTrainer`].
     """
 
@@ -83,6 +91,7 @@ class DROTrainer(OfflineRLTrainer):
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
+        quantization_config=None,
         peft_config=None,
     ):
         args = self._as_config(model, args)
@@ -94,7 +103,7 @@ class DROTrainer(OfflineRLTrainer):
         ):
             # Live reference passes need the model as it was before training: keep a copy
             ref_model = (
-                create_model_from_path(model, **self.model_init_kwargs(args))
+                create_model_from_path(model, **self.model_init_kwargs(args, quantization_config))
                 if isinstance(model, str)
                 else create_reference_model(model)
             )
@@ -111,6 +120,7 @@ class DROTrainer(OfflineRLTrainer):
             compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            quantization_config=quantization_config,
             peft_config=peft_config,
         )
         if args.precompute_ref_log_probs:
@@ -124,6 +134,7 @@ class DROTrainer(OfflineRLTrainer):
         self._unnormalized = (self.train_dataset, self.eval_dataset)  # standardised again on a resume
         self._standardise_rewards()
 
+        self._reference_adapter = self._add_reference_adapter(ref_model)  # before the value network joins the model
         # After TRL's fused LM head patched the policy's forward, so that the value's patch wraps it
         policy = self.accelerator.unwrap_model(self.model)
         attach_value_model(
@@ -143,6 +154,8 @@ class DROTrainer(OfflineRLTrainer):
                     "(one learning rate for every parameter): remove its 'optimizer' section or leave "
                     "`value_learning_rate` unset."
                 )
+        if self.optimizer is not None:  # the user's, from `optimizers`: refused here rather than when `train()` starts
+            self._check_user_optimizer(self.optimizer)
 
     # -- the value network -------------------------------------------------------------------------------------------
 
@@ -162,7 +175,7 @@ class DROTrainer(OfflineRLTrainer):
 
     def _maybe_wrap_peft(self, model, peft_config, args):
         # The value network's body is a copy of the model as loaded, taken before PEFT puts adapters into it
-        self._new_value_model = self._build_value_model(model, args)
+        self._new_value_model = self._build_value_model(model, peft_config, args)
         model = super()._maybe_wrap_peft(model, peft_config, args)
         if args.value_network == "adapter":
             self._add_value_adapter(model, args)
@@ -180,11 +193,8 @@ class DROTrainer(OfflineRLTrainer):
                 f"`value_network='adapter'` needs an adapter in the model's layers (e.g. LoRA), not "
                 f"{policy_config.peft_type}; choose `value_network='separate'` or `'policy_head'`."
             )
-        kwargs = {}
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            kwargs["autocast_adapter_dtype"] = False  # as for the policy's adapter under ZeRO-3
         # Named like the value's subfolder: PEFT saves a second adapter in a subfolder of its name, beside the head
-        model.add_adapter(VALUE_DIR, copy.deepcopy(policy_config), **kwargs)
+        model.add_adapter(VALUE_DIR, copy.deepcopy(policy_config), **peft_model_kwargs(model, args))
         for parameter in _adapter_parameters(model, VALUE_DIR):  # PEFT adds it frozen
             parameter.requires_grad_(True)
 
@@ -196,24 +206,60 @@ class DROTrainer(OfflineRLTrainer):
         for parameter in _adapter_parameters(self.accelerator.unwrap_model(self.model), VALUE_DIR):
             parameter.requires_grad_(True)
 
-    def _build_value_model(self, model, args) -> PromptEndValueHead:
+    def _build_value_model(self, model, peft_config, args) -> PromptEndValueHead:
         hidden_size = model.config.get_text_config().hidden_size
         if args.value_network == "policy_head":
             return PromptEndValueHead(hidden_size)
         if args.value_network == "adapter":
             return AdapterValueHead(hidden_size, adapter_name=VALUE_DIR)
         sharded = any(hasattr(parameter, "ds_id") for parameter in model.parameters())  # ZeRO-3 partitioned at load
-        if sharded or is_peft_model(model):
-            # The weights in memory are shards or carry adapters: load the checkpoint's body instead
+        quantized = is_quantized(model)
+        if sharded or is_peft_model(model) or quantized:
+            # The weights in memory are shards, carry adapters or are quantized: load the checkpoint's body instead,
+            # quantized as the policy is
             source = (
                 model.peft_config[model.active_adapter].base_model_name_or_path
                 if is_peft_model(model)
                 else model.config._name_or_path
             )
-            body = AutoModel.from_pretrained(source, **self.model_init_kwargs(args))
+            kwargs = self.model_init_kwargs(args)
+            if quantized:
+                kwargs["quantization_config"] = model.config.quantization_config
+            body = AutoModel.from_pretrained(source, **kwargs)
         else:
             body = copy.deepcopy(model.base_model)
+        if quantized:
+            body = self._adapt_value_body(body, model, peft_config, args)
         return PromptValueModel(body)
+
+    @staticmethod
+    def _adapt_value_body(body, model, peft_config, args):
+        """The separate value body on a quantized base, made trainable the way the policy is: its quantized weights
+        cannot train, so it gets a LoRA adapter of its own, a copy of the policy's adapter configuration (as QLoRA
+        trains the policy), under the name `VALUE_BODY_ADAPTER`. Its weights stay apart from the policy's, as the
+        paper has the value network; only the adapter and the head are saved, in the `value/` folder."""
+        from peft import get_peft_model
+
+        policy_config = model.peft_config[model.active_adapter] if is_peft_model(model) else peft_config
+        if policy_config is None:
+            raise ValueError(
+                "The model is quantized, and a quantized model trains through adapters: pass a `peft_config` (QLoRA), "
+                "or load the model unquantized."
+            )
+        if policy_config.is_prompt_learning:
+            raise ValueError(
+                f"On a quantized model, `value_network='separate'` trains a copy of the policy's adapter in the value "
+                f"body, which needs an adapter in the layers (e.g. LoRA), not {policy_config.peft_type}; choose "
+                "`value_network='policy_head'`."
+            )
+        config = copy.deepcopy(policy_config)
+        config.task_type = None  # the body has no LM head: a plain `PeftModel`
+        keep_4bit_layers_differentiable(body)
+        body = get_peft_model(body, config, adapter_name=VALUE_BODY_ADAPTER, **peft_model_kwargs(body, args))
+        if args.gradient_checkpointing:  # as for the policy: frozen embeddings feed the checkpointed layers
+            body.enable_input_require_grads()
+        cast_adapters_to_bf16(body)
+        return body
 
     # -- before training ---------------------------------------------------------------------------------------------
 
@@ -236,8 +282,22 @@ class DROTrainer(OfflineRLTrainer):
             lambda: self.map_rows(len(rows), score, batch_size, f"DRO: reference log-probs of the {name} rows"),
         )
 
-    def _reward_statistics(self, dataset: Dataset) -> tuple[float, float]:
-        rewards = torch.tensor(dataset["reward"], dtype=torch.float64)
+    def streaming_refusal(self, args) -> str | None:
+        if args.precompute_ref_log_probs:
+            return (
+                "`precompute_ref_log_probs=True` scores every row with the reference before training; set it to "
+                "False to stream with the reference run on each batch"
+            )
+        return None
+
+    def _reward_statistics(self, dataset: Dataset | IterableDataset) -> tuple[float, float]:
+        """The mean and standard deviation of the training rewards; of a stream's first `STREAM_SAMPLE_ROWS`."""
+        if isinstance(dataset, IterableDataset):
+            rewards = [row["reward"] for row in dataset.select_columns(["reward"]).take(STREAM_SAMPLE_ROWS)]
+            logger.info(f"Rewards standardised with the statistics of the stream's first {len(rewards)} rows.")
+        else:
+            rewards = dataset["reward"]
+        rewards = torch.tensor(list(rewards), dtype=torch.float64)
         mean, std = rewards.mean().item(), rewards.std(unbiased=False).item()
         if std < 1e-12:
             logger.warning(
@@ -283,11 +343,14 @@ class DROTrainer(OfflineRLTrainer):
         if dataset is None or (self.reward_shift, self.reward_scale) == (0.0, 1.0):
             return dataset
         shift, scale = self.reward_shift, self.reward_scale
-        return dataset.map(lambda row: {"reward": (row["reward"] - shift) / scale}, desc="Standardising rewards")
+        return dataset.map(
+            lambda row: {"reward": (row["reward"] - shift) / scale},
+            **map_kwargs(dataset, desc="Standardising rewards"),
+        )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here is prepared like the ones given at construction
-        if isinstance(eval_dataset, Dataset) and "prompt_ids" not in eval_dataset.column_names:
+        if isinstance(eval_dataset, Dataset | IterableDataset) and "prompt_ids" not in column_names(eval_dataset):
             eval_dataset = self.prepare_eval_dataset(eval_dataset)
             if self.args.precompute_ref_log_probs:
                 eval_dataset = self._with_reference_logps(eval_dataset, "eval")
@@ -299,8 +362,22 @@ class DROTrainer(OfflineRLTrainer):
 
     def create_optimizer(self, model=None):
         """TRL's optimizer, with the value network's parameters moved to groups of their own at `value_learning_rate`
-        (the learning-rate scheduler and gradient clipping apply to them as to the policy's)."""
+        (the learning-rate scheduler and gradient clipping apply to them as to the policy's).
+
+        An optimizer of your own (`trainer.optimizer`) is used as it is, provided it holds every parameter of
+        [`DROTrainer.value_parameters`]: the value network is trained in the same step as the policy. The trainer
+        builds the value network, so an optimizer made before the trainer (`optimizers=(optimizer, scheduler)`)
+        cannot hold it and is refused: choose the optimizer with `optim` and `optim_args` (as for any TRL trainer) and
+        let the trainer build it over both networks, or build yours after the trainer over `trainer.model.parameters()`
+        (the value network is the model's submodule `dro_value`) and set `trainer.optimizer` before `train()`.
+        """
+        if self.optimizer is not None:
+            # Once training has prepared it, accelerate's wrapper holds the optimizer (e.g. on a second `train()`)
+            if getattr(self.optimizer, "optimizer", self.optimizer) is not getattr(self, "_built_optimizer", None):
+                self._check_user_optimizer(self.optimizer)
+            return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
+        self._built_optimizer = optimizer
         if self.args.value_learning_rate is None or self.args.value_learning_rate == self.args.learning_rate:
             return optimizer
         value_parameters = {id(p) for p in self.value_parameters()}
@@ -314,6 +391,31 @@ class DROTrainer(OfflineRLTrainer):
         for group in value_groups:
             optimizer.add_param_group(group)
         return optimizer
+
+    def _check_user_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuses an optimizer of the user's that would leave the value network untrained, or that
+        `value_learning_rate` would be silently ignored by."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        value_parameters = self.value_parameters()
+        missing = sum(id(p) not in held for p in value_parameters)
+        if missing:
+            raise ValueError(
+                f"The optimizer you gave the trainer does not hold {missing} of the {len(value_parameters)} parameters "
+                "of DRO's value network V(x) (`trainer.value_parameters()`), which is trained in the same step as "
+                "the policy: they would never train. The trainer builds the value network itself, so an optimizer "
+                "made before the trainer cannot hold it. Either leave `optimizers` unset and choose the optimizer with "
+                "`optim` and `optim_args` in `DROConfig` (the value's learning rate with `value_learning_rate`), or "
+                "build your optimizer after the trainer over `trainer.model.parameters()` (the value network is the "
+                "model's submodule `dro_value`) and set `trainer.optimizer` (and `trainer.lr_scheduler`) before "
+                "`trainer.train()`."
+            )
+        if self.args.value_learning_rate is not None:
+            raise ValueError(
+                f"`value_learning_rate={self.args.value_learning_rate}` sets the value network's learning rate in the "
+                "optimizer the trainer builds, but you gave your own optimizer. Put the value network's parameters "
+                "(`trainer.value_parameters()`) in a parameter group of yours with the learning rate you want, and "
+                "leave `value_learning_rate` unset."
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -368,14 +470,45 @@ class DROTrainer(OfflineRLTrainer):
 
     @contextlib.contextmanager
     def _live_reference(self, model):
-        """The reference for per-batch log-probabilities: `ref_model`, or the training model (under its wrapper) with
-        its adapters disabled."""
+        """The reference for per-batch log-probabilities: `ref_model`; or the training model (under its wrapper) with
+        the frozen copy of a pretrained adapter active (see `_add_reference_adapter`); or, with the adapters the
+        trainer created (which start at zero), with its adapters disabled."""
         if self.ref_model is not None:
             yield self.ref_model
         else:
-            with use_adapter(self.accelerator.unwrap_model(model), adapter_name=None):
+            with use_adapter(self.accelerator.unwrap_model(model), adapter_name=self._reference_adapter):
                 yield model
             self._train_value_adapter()
+
+    def _add_reference_adapter(self, ref_model) -> str | None:
+        """With a pretrained `PeftModel` and no `ref_model`, the reference is the model as passed, its adapter
+        included, as `KTOTrainer` has it: the precomputed log-probabilities read it before training, and for live
+        reference passes a frozen copy of the adapter, named `"ref"`, is added here (PEFT saves it in `ref/`). Returns
+        the adapter the live reference runs with (`None`: adapters disabled)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if (
+            self.args.precompute_ref_log_probs
+            or ref_model is not None
+            or self._reference_disables_adapters
+            or not is_peft_model(model)
+        ):
+            return None
+        if REF_ADAPTER in model.peft_config:
+            raise ValueError(
+                f"The model already has an adapter named '{REF_ADAPTER}': DROTrainer adds the frozen copy of your "
+                "adapter that live reference passes run with under that name. Rename or delete it, pass a "
+                "`ref_model`, or set `precompute_ref_log_probs=True`."
+            )
+        active = model.active_adapter
+        model.add_adapter(REF_ADAPTER, copy.deepcopy(model.peft_config[active]))  # added frozen
+        parameters = dict(model.named_parameters())
+        for name, parameter in parameters.items():
+            if f".{active}." in name:
+                # A copy in the adapter's own dtype and device, so that the reference is the same numbers
+                frozen = parameters[name.replace(f".{active}.", f".{REF_ADAPTER}.", 1)]
+                frozen.data = parameter.detach().clone()
+                frozen.requires_grad_(False)
+        return REF_ADAPTER
 
     # -- saving and resuming -----------------------------------------------------------------------------------------
 
@@ -383,6 +516,11 @@ class DROTrainer(OfflineRLTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         # Taken first: the policy's `save_pretrained` deletes the value's (ignored) keys from `state_dict`
         value_state = value_state_dict(state_dict) if state_dict else None
+        body = getattr(self.value_model, "body", None)  # "separate" only
+        if body is not None and is_peft_model(body):
+            # PEFT keeps every LoRA weight of an adapter it does not know (the value body's) with the policy's adapter
+            full = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+            state_dict = {key: value for key, value in full.items() if f"{VALUE_ATTR}." not in key}
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.value_model.save_pretrained(os.path.join(output_dir, VALUE_DIR), state_dict=value_state)

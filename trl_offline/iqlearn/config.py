@@ -2,6 +2,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from ..offline_config import check_activation_offloading
+
 
 @dataclass
 class IQLearnConfig(SFTConfig):
@@ -80,5 +82,6 @@ class IQLearnConfig(SFTConfig):
                 f"IQLearn defines its own loss, so `loss_type` must stay 'nll', got {self.loss_type!r}. Use "
                 "`td_coef=0` for plain SFT."
             )
+        check_activation_offloading(self)
         if self.label_smoothing_factor > 0:
             raise ValueError("IQLearn does not support `label_smoothing_factor > 0`: it defines its own loss.")

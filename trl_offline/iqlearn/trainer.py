@@ -14,6 +14,7 @@ from ..data import check_sft_dataset
 from ..losses import iqlearn_loss
 from ..model_card import write_model_card
 from ..ops.soft_q_head import add_soft_q_head
+from ..quantization import is_quantized, keep_4bit_layers_differentiable
 from .config import IQLearnConfig
 
 
@@ -82,6 +83,14 @@ class IQLearnTrainer(SFTTrainer):
             args = IQLearnConfig(**dict_args)
         if compute_loss_func is not None:
             raise ValueError("IQLearnTrainer defines its own loss, so it does not accept a `compute_loss_func`.")
+        if args.use_liger_kernel and (args.liger_kernel_config or {}).get("fused_linear_cross_entropy"):
+            # Liger's layer kernels (norms, RoPE, MLPs) leave the forward alone and run under the soft-Q head
+            raise ValueError(
+                '`liger_kernel_config={"fused_linear_cross_entropy": True}` is not supported: it replaces the model\'s '
+                "forward with one that returns only the cross-entropy, and IQLearn reads `Q(s, a)` and `V(s)` through "
+                "its own soft-Q head in that forward. Leave `fused_linear_cross_entropy` out of `liger_kernel_config`; "
+                "the soft-Q head already never builds the full logits."
+            )
         skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
         if train_dataset is not None and formatting_func is None and not skip_prepare:
             eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
@@ -110,11 +119,6 @@ class IQLearnTrainer(SFTTrainer):
             raise ValueError(
                 "IQLearnTrainer supports text-only causal language models; vision inputs are not supported."
             )
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "IQLearnTrainer does not add the Mixture-of-Experts load-balancing loss. Set `router_aux_loss_coef=0.0` "
-                "to train this model without it."
-            )
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
             raise ValueError(
@@ -124,11 +128,16 @@ class IQLearnTrainer(SFTTrainer):
 
         base_model = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_soft_q_head(base_model, chunk_size=args.logits_chunk_size)
+        if is_quantized(base_model):  # an evaluation between steps must not leave its 4-bit layers without a backward
+            keep_4bit_layers_differentiable(base_model)
         self._scoring_implicit_rewards = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         inputs = {**inputs, "use_cache": False}
+        # MoE models: the soft-Q head then also returns the load-balancing loss, as SFT's fused head does
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
         outputs = model(**inputs, soft_q_head=True)
         per_token_loss, metrics = iqlearn_loss(
             outputs.target_logits,
@@ -143,6 +152,11 @@ class IQLearnTrainer(SFTTrainer):
         loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            # Added as `SFTTrainer` adds it: a per-micro-batch mean, so averaged over the accumulation steps when the
+            # token loss is normalised over the whole accumulated batch
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
         self._log_step_metrics(mode, inputs, outputs, metrics)
         if return_outputs:
@@ -178,6 +192,9 @@ class IQLearnTrainer(SFTTrainer):
         if mode == "train":
             self._total_train_tokens += int(attended)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:  # the mean over processes, as `SFTTrainer` logs it
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_loss)
 
     def compute_implicit_rewards(self, dataset: Dataset) -> list[float]:
         """Score rows with the IRL-extracted reward of the current model.

@@ -4,6 +4,7 @@
 
 The statistics are computed inside the model's own forward, not in the trainer, because DDP and DeepSpeed ZeRO-3
 arm their gradient hooks around `forward`: the LM-head weight must be read there for its gradient to be reduced.
+Mixture-of-Experts models also return their load-balancing loss (`aux_loss`), as TRL's fused LM head does.
 """
 
 import functools
@@ -28,6 +29,8 @@ class SoftQOutput(ModelOutput):
         entropy: Entropy of the next-token distribution (no gradient).
         is_top1: Whether the next token is the most likely one.
         completion_mask: Whether the next token is scored (its label is not `-100`).
+        aux_loss: The Mixture-of-Experts load-balancing loss, a scalar, when the router logits were asked for
+            (`output_router_logits`); `None` otherwise.
     """
 
     target_logits: torch.Tensor | None = None
@@ -35,6 +38,7 @@ class SoftQOutput(ModelOutput):
     entropy: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
     completion_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _logit_scale(text_config) -> float:
@@ -69,8 +73,11 @@ def add_soft_q_head(model: torch.nn.Module, chunk_size: int = 1024) -> None:
             return previous_forward(*args, **kwargs)
 
         kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):  # as the model's own forward reads its config
+            kwargs.setdefault("output_router_logits", True)
         # Looked up on each call: PEFT and FSDP replace the modules after patching
-        hidden_states = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (B, T, H), T = seq_len - 1
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden_states = backbone_outputs.last_hidden_state[:, :-1]  # (B, T, H), T = seq_len - 1
         lm_head = self.get_output_embeddings()
         hidden_states = hidden_states.to(lm_head.weight.device)
         labels = labels[:, 1:].to(lm_head.weight.device)  # (B, T)
@@ -90,6 +97,10 @@ def add_soft_q_head(model: torch.nn.Module, chunk_size: int = 1024) -> None:
                 chunk_size=chunk_size,
             )
 
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(text_config, backbone_outputs.router_logits, kwargs.get("attention_mask"))
+
         def scatter(values):  # (N,) -> (B, T), zero off the mask; stays connected to the graph when N == 0
             return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
@@ -99,6 +110,17 @@ def add_soft_q_head(model: torch.nn.Module, chunk_size: int = 1024) -> None:
             entropy=scatter(stats.entropy),
             is_top1=scatter(stats.is_top1),
             completion_mask=mask,
+            aux_loss=aux_loss,
         )
 
     model.forward = types.MethodType(forward, model)
+
+
+def _router_aux_loss(text_config, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The load-balancing loss of a Mixture-of-Experts backbone's router logits, computed as TRL's fused LM head and
+    the models' own forwards do (Mixtral's formula, which the other MoE families reuse), over the attended tokens."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )

@@ -1,6 +1,6 @@
 """DRO training script: `trl-offline dro`, or `recipes/dro.py` (see its docstring for the commands)."""
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_offline import DROConfig, DROTrainer
 from trl_offline.scripts.common import (
@@ -23,6 +23,7 @@ def main(script_args: ScoredScriptArguments, training_args: DROConfig, model_arg
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         reward_funcs=load_reward_funcs(script_args),
+        quantization_config=get_quantization_config(model_args),  # --load_in_4bit / --load_in_8bit, as TRL's scripts
         peft_config=get_peft_config(model_args),
     )
     train_and_save(trainer, script_args, training_args)
