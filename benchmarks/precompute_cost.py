@@ -96,8 +96,8 @@ def _timed(trainer_class, names: tuple[str, ...]):
     """A subclass of `trainer_class` whose methods `names` and `_load_model` add their wall time to `SECONDS`; the
     memory baseline is taken when `_load_model` returns."""
 
-    def _load_model(self, model, args):
-        loaded = _timer(trainer_class._load_model)(self, model, args)
+    def _load_model(self, *args, **kwargs):
+        loaded = _timer(trainer_class._load_model)(self, *args, **kwargs)
         _mark()
         return loaded
 
@@ -129,7 +129,7 @@ def _num_tokens(dataset) -> int:
 
 
 def _tokenize(tokenizer, row: dict) -> dict:
-    """A plain prompt + completion row as `OfflineRLTrainer._tokenize_row` tokenizes it."""
+    """A plain prompt + completion row as `trl_offline.tokenization.tokenize_row` tokenizes it."""
     from trl.data_utils import common_prefix_length
 
     prompt_ids = tokenizer(row["prompt"])["input_ids"]

@@ -58,14 +58,14 @@ def pretrained_tiny_model_path(tmp_path_factory):
     return config.output_dir
 
 
-def _save_tiny_model(path: str, model_class, config_class, **config) -> str:
-    """A small `model_class` (1-2 layers, hidden 32) with the kit's tokenizer, seeded, saved to `path` as a user's
-    checkpoint is; `config` adds to the sizes."""
+def _save_tiny_model(path: str, model_class, config_class, tokenizer=None, **config) -> str:
+    """A small `model_class` (1-2 layers, hidden 32) with `tokenizer` (the kit's character tokenizer by default), seeded,
+    saved to `path` as a user's checkpoint is; `config` adds to the sizes."""
     import torch
 
     from trl_offline.offline_kit import build_tokenizer
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     config = config_class(**sizes, **config, **ids)
@@ -84,22 +84,34 @@ def reward_model_path(tmp_path_factory):
     return _save_tiny_model(path, LlamaForSequenceClassification, LlamaConfig, num_hidden_layers=1, num_labels=1)
 
 
-@pytest.fixture(scope="session")
-def tiny_moe_model_path(tmp_path_factory):
-    """A tiny Mixtral (4 experts, 2 per token, `router_aux_loss_coef` 0.02) with the kit's tokenizer, saved as a user's
-    Mixture-of-Experts checkpoint is."""
+def _save_tiny_moe_model(path: str, tokenizer=None) -> str:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    path = str(tmp_path_factory.mktemp("tiny-mixtral"))
     return _save_tiny_model(
         path,
         MixtralForCausalLM,
         MixtralConfig,
+        tokenizer,
         num_hidden_layers=2,
         num_local_experts=4,
         num_experts_per_tok=2,
         router_aux_loss_coef=0.02,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_model_path(tmp_path_factory):
+    """A tiny Mixtral (4 experts, 2 per token, `router_aux_loss_coef` 0.02) with the kit's tokenizer, saved as a user's
+    Mixture-of-Experts checkpoint is."""
+    return _save_tiny_moe_model(str(tmp_path_factory.mktemp("tiny-mixtral")))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_bpe_model_path(tmp_path_factory):
+    """The tiny Mixtral with the kit's byte-level BPE tokenizer, whose chat template renders `tools`."""
+    from trl_offline.offline_kit import build_bpe_tokenizer
+
+    return _save_tiny_moe_model(str(tmp_path_factory.mktemp("tiny-mixtral-bpe")), build_bpe_tokenizer())
 
 
 @pytest.fixture(scope="session")

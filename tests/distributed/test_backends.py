@@ -19,7 +19,7 @@ import pytest
 from launch_utils import logged_steps, run_recipe
 from transformers import AutoModelForCausalLM
 
-from trl_offline.value import PromptValueModel
+from trl_offline.dro.value_networks import PromptValueModel
 
 
 TRAINERS = ("iqlearn", "alol", "dro")

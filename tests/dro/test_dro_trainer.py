@@ -10,13 +10,16 @@ import torch
 from datasets import Dataset, load_dataset
 from helpers import cpu_run_args, first_batch
 from peft import LoraConfig
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 from trl import KTOConfig
 
 from trl_offline import DROConfig, DROTrainer
 from trl_offline._trl_compat import active_adapter_layers
+from trl_offline.dro.value_networks import PromptEndValueHead, PromptValueModel
 from trl_offline.offline_kit import build_tiny_model, make_scored_dataset, sort_reward_func
-from trl_offline.value import PromptEndValueHead, PromptValueModel
 
 
 def _config(tmp_path, **overrides) -> DROConfig:
@@ -432,6 +435,7 @@ def test_save_model_writes_the_policy_the_value_network_and_a_model_card(tmp_pat
     trainer.save_model(str(saved))
 
     # The policy is a plain causal LM, without the value's weights
+    assert not [key for key in load_file(str(saved / "model.safetensors")) if "dro_value" in key]
     loaded = AutoModelForCausalLM.from_pretrained(str(saved))
     trained = dict(trainer.model.named_parameters())
     assert set(dict(loaded.named_parameters())) == {n for n in trained if not n.startswith("dro_value.")}
@@ -460,7 +464,9 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tiny_model_path
     resumed = DROTrainer(tiny_model_path, args=_config(tmp_path / "b", **common), train_dataset=dataset, **peft)
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert (checkpoint / "value" / "value_head.safetensors").is_file()
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    with CaptureLogger(logging.get_logger("transformers.trainer")) as log:
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert "missing keys" not in log.out  # the value's weights are read from `value/`, not the policy's checkpoint
     assert resumed.state.global_step == 4
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,7 +1,7 @@
 from launch_utils import run_recipe
 from transformers import AutoModelForCausalLM
 
-from trl_offline.value import PromptValueModel
+from trl_offline.dro.value_networks import PromptValueModel
 
 
 def test_dro_recipe_runs_offline_with_its_tiny_config(tmp_path):

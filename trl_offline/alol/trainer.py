@@ -14,9 +14,9 @@ from ..feature_store import FeatureStore
 from ..losses import alol_loss
 from ..offline_trainer import OfflineRLTrainer
 from ..precompute import shard_batches
-from ..value import AttentionPoolingValueHead, fit_value_head
 from .config import ALoLConfig
 from .sampler import PriorityAdvantageSampler, positive_advantage_indices
+from .value_head import AttentionPoolingValueHead, fit_value_head
 
 
 logger = logging.get_logger(__name__)
