@@ -10,8 +10,10 @@ the rest over every ordering. Since the expert's distribution is known, the dist
 exactly, by scoring every valid answer.
 
 128 of the 1287 letter sets are held out; the demonstrations (one expert sample each) come from the others, at each
-of two data sizes. Every method trains from the same randomly initialised tiny Llama on the same demonstrations with
-the same budget: the same steps, batches of the same rows in the same order (so the same tokens, which the JSON
+of two data sizes. Two starts, as users have them: a randomly initialised tiny Llama, and the same model first trained
+with `SFTTrainer` on behaviour data of the task's format (a third of its answers random valid orderings, the rest
+with a letter replaced, dropped or doubled: about a third of its samples are valid), fine-tuned at a lower learning
+rate for fewer steps. From each start every method trains on the same demonstrations with the same budget: the same steps, batches of the same rows in the same order (so the same tokens, which the JSON
 records), learning rate and schedule. `SFTTrainer` and every `IQLearnTrainer` then differ only in the loss;
 `td_coef=0` is IQLearn's own MLE, which should match SFT. On the held-out prompts:
 
@@ -26,7 +28,8 @@ records), learning rate and schedule. `SFTTrainer` and every `IQLearnTrainer` th
   every held-out prompt, and over one expert answer per prompt, where only a reward whose level is comparable
   across prompts ranks well (as in the paper's analysis, one output per input).
 
-    python benchmarks/imitation.py            # 1024 and 4096 demonstrations, 3 seeds; results/imitation.{json,png}
+    python benchmarks/imitation.py            # both starts, 1024 and 4096 demonstrations, 3 seeds; results/imitation.*
+    python benchmarks/imitation.py --starts pretrained --demonstrations 1024   # one start, one data size
     python benchmarks/imitation.py --quick    # one seed, few steps: a smoke run (CI runs it)
 """
 
@@ -48,6 +51,8 @@ from metrics import distinct_n, kl_divergence, self_bleu, spearman, total_variat
 ALPHABET = "abcdefghijkl"
 LENGTHS = (4, 5)
 THETA = 0.7  # the expert's Mallows dispersion: larger is closer to always sorting
+BEHAVIOUR_ERRORS = ("replace", "drop", "double")  # how the behaviour data's invalid answers go wrong
+STARTS = ("random", "pretrained")
 TD_COEFS = (0.0, 0.03, 0.1, 0.3, 1.0)
 SAMPLES_PER_PROMPT = 8
 METRICS = (
@@ -108,20 +113,60 @@ def shuffled(letters: str, rng: random.Random) -> str:
 def demonstrations(letter_sets: list[str], num_demonstrations: int, seed: int) -> list[dict]:
     """One expert answer each to prompts drawn from `letter_sets` (more demonstrations than sets repeat sets, in other
     orders and with other answers), as conversational prompt-completion rows."""
-    rng = random.Random(seed)
+    return _answered_prompts(letter_sets, num_demonstrations, expert_sample, random.Random(seed))
+
+
+def _answered_prompts(letter_sets: list[str], num_rows: int, answer, rng: random.Random) -> list[dict]:
+    """Conversational rows: the letters of a set drawn from `letter_sets`, shuffled, and `answer(letters, rng)`."""
     rows = []
-    for _ in range(num_demonstrations):
+    for _ in range(num_rows):
         letters = shuffled(rng.choice(letter_sets), rng)
         rows.append(
             {
                 "prompt": [{"role": "user", "content": letters}],
-                "completion": [{"role": "assistant", "content": expert_sample(letters, rng)}],
+                "completion": [{"role": "assistant", "content": answer(letters, rng)}],
             }
         )
     return rows
 
 
+def behaviour_answer(letters: str, rng: random.Random) -> str:
+    """A noisy behaviour policy of the task's format: a uniformly random ordering of the letters (valid, but not the
+    expert's Mallows preference for sorted ones) a third of the time, otherwise an ordering with one letter replaced,
+    dropped or doubled (invalid)."""
+    answer = shuffled(letters, rng)
+    if rng.random() < 1 / 3:
+        return answer
+    position = rng.randrange(len(answer))
+    error = rng.choice(BEHAVIOUR_ERRORS)
+    if error == "replace":
+        others = [c for c in ALPHABET if c not in letters]
+        return answer[:position] + rng.choice(others) + answer[position + 1 :]
+    if error == "drop":
+        return answer[:position] + answer[position + 1 :]
+    return answer[:position] + answer[position] + answer[position:]  # "double"
+
+
+def behaviour_rows(letter_sets: list[str], num_rows: int, seed: int) -> list[dict]:
+    """The behaviour data a pretrained start is first trained on: the task's format, answers mostly invalid."""
+    return _answered_prompts(letter_sets, num_rows, behaviour_answer, random.Random(seed + 40_000))
+
+
 # Training
+
+
+def pretrain(base: str, rows: list[dict], args, output_dir: str, seed: int) -> str:
+    """The pretrained start: `base` trained with TRL's `SFTTrainer` on behaviour data (`behaviour_rows`), as users start
+    from a model already trained on the task's kind of data, before any method sees a demonstration."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(**cpu_run_args(output_dir, steps=args.pretrain_steps, batch_size=32, learning_rate=3e-3,
+                                      warmup_steps=20, seed=seed))  # fmt: skip
+    trainer = SFTTrainer(base, args=config, train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model()
+    return output_dir
 
 
 def train(method: str, base: str, rows: list[dict], args, output_dir: str, seed: int) -> tuple[str, int]:
@@ -131,21 +176,25 @@ def train(method: str, base: str, rows: list[dict], args, output_dir: str, seed:
 
     from trl_offline import IQLearnConfig, IQLearnTrainer
 
+    steps, learning_rate = (args.steps, args.learning_rate) if args.start == "random" else args.finetune
     common = cpu_run_args(
         output_dir,
-        steps=args.steps,
+        steps=steps,
         batch_size=32,
-        learning_rate=args.learning_rate,
-        warmup_steps=min(20, args.steps // 10),
+        learning_rate=learning_rate,
+        warmup_steps=min(20, steps // 10),
         seed=seed,
     )
-    common.update(logging_strategy="steps", logging_steps=args.steps)  # one log, at the end: it has the tokens seen
+    common.update(logging_strategy="steps", logging_steps=steps)  # one log, at the end: it has the tokens seen
     dataset = Dataset.from_list(rows)
     if method == "sft":
         trainer = SFTTrainer(base, args=SFTConfig(**common), train_dataset=dataset)
     else:
-        td_coef = float(method.split("@")[1])
-        trainer = IQLearnTrainer(base, args=IQLearnConfig(**common, td_coef=td_coef), train_dataset=dataset)
+        # "iqlearn@<td_coef>" with the default soft value, "iqlearn-logsumexp@<td_coef>" with V = logsumexp(logits)
+        name, td_coef = method.split("@")
+        soft_value = {"iqlearn": {}, "iqlearn-logsumexp": {"soft_value": "logsumexp"}}[name]
+        config = IQLearnConfig(**common, td_coef=float(td_coef), **soft_value)
+        trainer = IQLearnTrainer(base, args=config, train_dataset=dataset)
     trainer.train()
     trainer.save_model()
     num_tokens = next(log["num_tokens"] for log in reversed(trainer.state.log_history) if "num_tokens" in log)
@@ -276,6 +325,10 @@ def run_seed(num_demonstrations: int, seed: int, args) -> dict:
     results = {"expert": expert_row(prompts, seed)}
     with tempfile.TemporaryDirectory() as root:
         base = build_tiny_model(os.path.join(root, "base"), hidden_size=args.hidden_size, seed=seed)
+        if args.start == "pretrained":
+            behaviour = behaviour_rows(train_sets, 32 * args.pretrain_steps, seed)
+            base = pretrain(base, behaviour, args, os.path.join(root, "pretrained"), seed)
+            results["start"] = evaluate(base, prompts, seed)
         for method in args.methods:
             tic = time.perf_counter()
             path, num_tokens = train(method, base, rows, args, os.path.join(root, method), seed)
@@ -283,7 +336,7 @@ def run_seed(num_demonstrations: int, seed: int, args) -> dict:
                                "seconds": time.perf_counter() - tic}  # fmt: skip
             r = results[method]
             print(
-                f"{num_demonstrations} demos, seed {seed}, {method:<13} valid {r['valid_share']:.3f}  "
+                f"{args.start} start, {num_demonstrations} demos, seed {seed}, {method:<13} valid {r['valid_share']:.3f}  "
                 f"reward {r['expected_reward']:.3f}  TV {r['total_variation']:.3f}  KL {r['kl_to_expert']:.3f}  "
                 f"self-BLEU {r['self_bleu']:.3f}  distinct {r['distinct_answers']:.3f}  "
                 f"spearman {r['reward_spearman']:+.3f} / {r['reward_spearman_one_per_prompt']:+.3f}  "
@@ -329,10 +382,16 @@ def plot(table: dict, path: str, title: str) -> None:
             means = [methods[m][metric]["mean"] for m in iqlearn]
             stds = [methods[m][metric]["std"] for m in iqlearn]
             ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, color="#dd8452", label="IQLearn")
-            for name, style, color in (("sft", "--", "#4c72b0"), ("expert", ":", "#555555")):
+            coefs = [m.split("@")[1] for m in iqlearn]
+            for m in (m for m in methods if m.startswith("iqlearn-logsumexp@") and m.split("@")[1] in coefs):
+                ax.errorbar(coefs.index(m.split("@")[1]), methods[m][metric]["mean"], yerr=methods[m][metric]["std"],
+                            marker="x", capsize=3, color="#c44e52", linestyle="none", label=f"{m} (V = logsumexp)")  # fmt: skip
+            bands = (("sft", "--", "#4c72b0", "SFTTrainer"), ("expert", ":", "#555555", "expert"),
+                     ("start", "-.", "#55a868", "start"))  # fmt: skip
+            for name, style, color, label in bands:
                 if metric in methods.get(name, {}):
                     mean, std = methods[name][metric]["mean"], methods[name][metric]["std"]
-                    ax.axhline(mean, linestyle=style, color=color, label="SFTTrainer" if name == "sft" else "expert")
+                    ax.axhline(mean, linestyle=style, color=color, label=label)
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
             ax.set_xticks(list(positions), [m.split("@")[1] for m in iqlearn])
             ax.set_xlabel("td_coef")
@@ -348,21 +407,38 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--td-coefs", nargs="+", type=float, default=list(TD_COEFS), help="IQLearn's sweep")
     parser.add_argument(
+        "--logsumexp-td-coefs", nargs="*", type=float, default=[0.1],
+        help="IQLearn with soft_value='logsumexp' (the logits as Q-values), for comparison",
+    )  # fmt: skip
+    parser.add_argument(
         "--demonstrations", nargs="+", type=int, default=[1024, 4096], help="data sizes (one demonstration a prompt)"
     )
     parser.add_argument("--held-out", type=int, default=128, help="held-out prompts for the evaluation")
     parser.add_argument("--steps", type=int, default=600, help="training steps of every method (32 rows a step)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="every method's peak learning rate")
     parser.add_argument("--hidden-size", type=int, default=128, help="hidden size of the tiny Llama (2 layers)")
+    parser.add_argument(
+        "--starts", nargs="+", choices=STARTS, default=list(STARTS),
+        help="random: every method from a random initialisation; pretrained: from a model first trained on behaviour "
+        "data of the task's format (mostly invalid answers)",
+    )  # fmt: skip
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="SFT steps of 32 behaviour rows (pretrained)")
+    parser.add_argument(
+        "--finetune", nargs=2, type=float, default=[200, 3e-4], metavar=("STEPS", "LR"),
+        help="steps and learning rate of every method from the pretrained start",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="one seed, 128 demonstrations, 16 prompts, 20 steps")
     parser.add_argument("--output", help="JSON to write, a PNG beside it (default: results/imitation.json)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.demonstrations, args.held_out, args.steps = [0], [128], 16, 20
-        args.hidden_size, args.td_coefs = 64, [0.0, 0.1]
+        args.hidden_size, args.td_coefs, args.pretrain_steps, args.finetune = 64, [0.0, 0.1], 10, [10, 3e-4]
+        args.logsumexp_td_coefs = []
+    args.finetune = (int(args.finetune[0]), args.finetune[1])
     if args.output is None and not args.quick:
         args.output = str(Path(__file__).parent / "results" / "imitation.json")
     args.methods = ["sft"] + [f"iqlearn@{c:g}" for c in args.td_coefs]
+    args.methods += [f"iqlearn-logsumexp@{c:g}" for c in args.logsumexp_td_coefs]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import datasets
@@ -372,7 +448,14 @@ def main():
     transformers.utils.logging.disable_progress_bar()
 
     start = time.perf_counter()
-    runs = {f"{n} demonstrations": {seed: run_seed(n, seed, args) for seed in args.seeds} for n in args.demonstrations}
+    runs = {}
+    for initialisation in args.starts:
+        args.start = initialisation
+        for n in args.demonstrations:
+            runs[f"{initialisation} start, {n} demonstrations"] = {
+                seed: run_seed(n, seed, args) for seed in args.seeds
+            }
+    del args.start
     table = summarise(runs)
     for setting, methods in table.items():
         print(f"\n{setting} ({len(args.seeds)} seeds, {args.held_out} held-out prompts): mean ± std")
@@ -391,7 +474,10 @@ def main():
         }
         write_json(args.output, record)
         png = str(Path(args.output).with_suffix(".png"))
-        title = f"{len(args.seeds)} seeds, {args.steps} steps of 32 demonstrations from the same random initialisation"
+        title = (
+            f"{len(args.seeds)} seeds; random start: {args.steps} steps of 32 at lr {args.learning_rate:g}; pretrained "
+            f"start: {args.finetune[0]} steps at lr {args.finetune[1]:g}"
+        )
         plot(table, png, title)
         print(f"wrote {png}")
     print(f"total {time.perf_counter() - start:.0f} s")

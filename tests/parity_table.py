@@ -226,13 +226,24 @@ SFT_CONFIG = {
             f"{IQL}::test_conversational_assistant_only_loss_scores_only_assistant_tokens",
         ),
         "pad_token": honoured("SFT's data path: the same batches as SFTTrainer", _SAME_AS_SFT),
-        "packing": refused(
-            "the TD term bootstraps from the next token of the same sequence (issue 14 adds packing)",
-            f"{IQL}::test_configs_iqlearn_cannot_honour_are_refused",
+        "packing": honoured(
+            "SFT's packing; each packed sequence is its own episode (the TD term stops at its end), so the loss and "
+            "gradients are those of the same sequences in padded rows",
+            f"{IQL}::test_packed_and_padding_free_batches_match_the_same_rows_padded",
         ),
-        "packing_strategy": not_applicable("only read with `packing`, which is refused"),
-        "eval_packing": refused("as `packing`", f"{IQL}::test_configs_iqlearn_cannot_honour_are_refused"),
-        "padding_free": refused("as `packing`", f"{IQL}::test_configs_iqlearn_cannot_honour_are_refused"),
+        "packing_strategy": honoured(
+            "SFT's strategies; `'wrapped'` marks no boundaries, so each packed row is one episode (with a warning)",
+            f"{IQL}::test_wrapped_packing_warns_that_each_row_is_one_episode",
+        ),
+        "eval_packing": honoured(
+            "as `packing`, for evaluation; refused without padding-free batches, where SFT's collator drops the "
+            "boundaries",
+            f"{IQL}::test_packing_and_padding_free_train_evaluate_and_score_rows",
+        ),
+        "padding_free": honoured(
+            "SFT's padding-free batches; each sequence is its own episode, as with `packing`",
+            f"{IQL}::test_packed_and_padding_free_batches_match_the_same_rows_padded",
+        ),
         "loss_type": refused(
             "IQLearn defines its own loss: only `'nll'` (`td_coef=0` is exactly SFT)",
             f"{IQL}::test_configs_iqlearn_cannot_honour_are_refused",

@@ -70,12 +70,25 @@ def test_answer_log_probs_in_a_padded_batch_equal_one_row_at_a_time(tiny_model_p
 
 def test_quick_imitation_benchmark_runs_and_writes_its_json_and_plot(tmp_path):
     record = run_quick_benchmark("imitation.py", tmp_path / "imitation.json")
-    summary = record["summary"]["128 demonstrations"]
-    assert set(summary) == {"expert", "sft", "iqlearn@0", "iqlearn@0.1"}
-    for method in ("sft", "iqlearn@0", "iqlearn@0.1"):
-        assert set(summary[method]) == set(imitation.METRICS)
-        assert 0.0 <= summary[method]["total_variation"]["mean"] <= 1.0
-    # Same rows, same order, same steps: every method saw the same tokens
-    run = record["runs"]["128 demonstrations"]["0"]
-    tokens = {run[method]["num_tokens"] for method in ("sft", "iqlearn@0", "iqlearn@0.1")}
-    assert len(tokens) == 1
+    assert set(record["summary"]) == {"random start, 128 demonstrations", "pretrained start, 128 demonstrations"}
+    for start in ("random", "pretrained"):
+        summary = record["summary"][f"{start} start, 128 demonstrations"]
+        start_row = {"start"} if start == "pretrained" else set()  # the pretrained model itself, before any method
+        assert set(summary) == {"expert", "sft", "iqlearn@0", "iqlearn@0.1"} | start_row
+        for method in ("sft", "iqlearn@0", "iqlearn@0.1", *start_row):
+            assert set(summary[method]) == set(imitation.METRICS)
+            assert 0.0 <= summary[method]["total_variation"]["mean"] <= 1.0
+        # Same rows, same order, same steps: every method saw the same tokens
+        run = record["runs"][f"{start} start, 128 demonstrations"]["0"]
+        tokens = {run[method]["num_tokens"] for method in ("sft", "iqlearn@0", "iqlearn@0.1")}
+        assert len(tokens) == 1
+
+
+def test_behaviour_data_has_the_tasks_format_and_mostly_invalid_answers():
+    train_sets, _ = imitation.split_letter_sets(128, seed=0)
+    rows = imitation.behaviour_rows(train_sets, 3000, seed=0)
+    valid = [sorted(r["completion"][0]["content"]) == sorted(r["prompt"][0]["content"]) for r in rows]
+    assert 0.30 < sum(valid) / len(valid) < 0.37  # a third valid, by construction
+    for row in rows[:100]:
+        letters, answer = row["prompt"][0]["content"], row["completion"][0]["content"]
+        assert abs(len(answer) - len(letters)) <= 1 and set(answer) <= set(imitation.ALPHABET)

@@ -1,8 +1,12 @@
 from dataclasses import dataclass, field
 
+from transformers.utils import logging
 from trl import SFTConfig
 
 from ..offline_config import check_activation_offloading
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -11,13 +15,26 @@ class IQLearnConfig(SFTConfig):
     Configuration class for the [`IQLearnTrainer`].
 
     IQLearn (Wulfmeier et al. 2024, arXiv 2409.01369) is supervised fine-tuning plus a temporal-difference
-    regulariser on the reward the model implies, so this class is [`~trl.SFTConfig`] with two more fields. Every SFT
+    regulariser on the reward the model implies, so this class is [`~trl.SFTConfig`] with a few more fields. Every SFT
     field keeps its meaning, except the few that IQLearn cannot honour, which are refused with an error rather than
     run wrong (see below).
 
     Parameters:
         > Parameters that control the IQLearn objective
 
+        soft_value (`str`, *optional*, defaults to `"head"`):
+            The value `V(s)` of Eq. 14, with `Q(s, a) = V(s) + log pi(a|s)`:
+
+            - `"head"`: a learned value `v_phi(s)`, a zero-initialised linear head on the model's final hidden state
+              trained with it at the same learning rate. The loss then ignores the level of the logits at each
+              position, which on a pretrained model is arbitrary: choose it to fine-tune a pretrained model. The head
+              is saved beside the model as `soft_value_head.safetensors` (the model itself stays a plain causal LM)
+              and is needed to extract rewards.
+            - `"logsumexp"`: `V(s) = logsumexp` of the logits, which makes the logits themselves the Q-values. From a
+              pretrained start its TD term is large (the logits' levels are far from 0) and can undo the model.
+        soft_value_backprop (`bool`, *optional*, defaults to `False`):
+            With `soft_value="head"`, whether the value head's gradient flows into the model's hidden states. By
+            default the head reads them detached.
         td_coef (`float`, *optional*, defaults to `0.1`):
             Weight `lambda` of the temporal-difference term `(Q(s, a) - gamma * V(s'))^2` added to the per-token
             negative log-likelihood (Eq. 14 of the paper). `0.0` is exactly SFT. Larger values pull the implicit
@@ -32,13 +49,39 @@ class IQLearnConfig(SFTConfig):
             The `(batch, seq_len, vocab)` logits are never built; a smaller chunk lowers peak memory at a small
             speed cost.
 
+        > Packing and padding-free batches
+
+        `packing`, `packing_strategy`, `eval_packing` and `padding_free` work as in SFT. A packed or padding-free row
+        joins several sequences, marked by `position_ids` that restart at 0; each sequence is its own episode: its
+        last action never bootstraps from the next sequence, and the attention does not cross the boundary either,
+        so the loss and gradients are those of the same sequences in padded rows. The exception is
+        `packing_strategy="wrapped"`, which concatenates the sequences and cuts the stream into rows without marking
+        where one ends: the model attends across them, as under SFT, and the TD term too treats each packed row as one
+        episode (a warning says so). Keep the default `"bfd"` to keep sequences apart. `eval_packing=True` needs
+        padding-free batches (`packing=True` or `padding_free=True`), the only ones in which SFT's collator marks the
+        boundaries; without them it is refused.
+
         > Parameters from [`~trl.SFTConfig`] that IQLearn refuses
 
-        `packing`, `padding_free`: the TD term bootstraps from the next position of the same sequence, which a
-        packed or padding-free row does not delimit. `loss_type` other than `"nll"` and `label_smoothing_factor > 0`:
-        IQLearn defines its own loss.
+        `loss_type` other than `"nll"` and `label_smoothing_factor > 0`: IQLearn defines its own loss.
     """
 
+    soft_value: str = field(
+        default="head",
+        metadata={
+            "help": "The value V(s) of Eq. 14, with Q(s, a) = V(s) + log pi(a|s): 'head', a learned linear head on the "
+            "final hidden state (indifferent to the logits' level; for pretrained models), or 'logsumexp', the "
+            "logsumexp of the logits (the logits are the Q-values).",
+            "choices": ["head", "logsumexp"],
+        },
+    )
+    soft_value_backprop: bool = field(
+        default=False,
+        metadata={
+            "help": "With soft_value='head', whether the value head's gradient flows into the model; by default the "
+            "head reads the hidden states detached."
+        },
+    )
     td_coef: float = field(
         default=0.1,
         metadata={
@@ -60,22 +103,34 @@ class IQLearnConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.soft_value not in ("head", "logsumexp"):
+            raise ValueError(f"`soft_value` must be 'head' or 'logsumexp', got {self.soft_value!r}.")
+        if self.soft_value_backprop and self.soft_value != "head":
+            raise ValueError(
+                "`soft_value_backprop=True` lets the value head's gradient into the model, so it needs "
+                f"`soft_value='head'`, got {self.soft_value!r}."
+            )
         if self.td_coef < 0:
             raise ValueError(f"`td_coef` must be >= 0 (0 is plain SFT), got {self.td_coef}.")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"`gamma` must be in (0, 1], got {self.gamma}.")
         if self.logits_chunk_size < 1:
             raise ValueError(f"`logits_chunk_size` must be >= 1, got {self.logits_chunk_size}.")
-        if self.packing or self.eval_packing:
+        padding_free_batches = self.padding_free or (self.packing and self.packing_strategy != "wrapped")
+        if self.eval_packing and self.packing_strategy != "wrapped" and not padding_free_batches:
+            # SFT's collator keeps the packed rows' boundaries only in padding-free batches; otherwise the packed
+            # evaluation rows get an all-ones attention mask and their sequences would run into each other
             raise ValueError(
-                "IQLearn does not support `packing=True` (or `eval_packing=True`): the temporal-difference term "
-                "bootstraps from the next token of the same sequence, and packed rows join several sequences. "
-                "Set `packing=False`."
+                "`eval_packing=True` without padding-free batches would let the packed evaluation sequences attend "
+                "to, and bootstrap from, each other. Set `packing=True` or `padding_free=True` as well, or "
+                "`eval_packing=False`."
             )
-        if self.padding_free:
-            raise ValueError(
-                "IQLearn does not support `padding_free=True`: it concatenates sequences into one row, so the "
-                "temporal-difference term would bootstrap across sequence boundaries. Set `padding_free=False`."
+        if (self.packing or self.eval_packing) and self.packing_strategy == "wrapped":
+            logger.warning(
+                "`packing_strategy='wrapped'` joins sequences without marking their boundaries, so IQLearn's "
+                "temporal-difference term treats each packed row as one episode and bootstraps across the sequences "
+                "it joins (the model attends across them too, as under SFT). Use `packing_strategy='bfd'` to keep "
+                "each sequence its own episode."
             )
         if self.loss_type != "nll":
             raise ValueError(

@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,18 +17,20 @@ from ..model_card import write_model_card
 from ..ops.soft_q_head import add_soft_q_head
 from ..quantization import is_quantized, keep_4bit_layers_differentiable
 from .config import IQLearnConfig
+from .soft_value import SoftValueMixin
 
 
-class IQLearnTrainer(SFTTrainer):
+class IQLearnTrainer(SoftValueMixin, SFTTrainer):
     """
     Trainer for offline inverse soft-Q learning (IQLearn) on demonstrations, a drop-in for [`~trl.SFTTrainer`].
 
-    The policy's logits are read as soft Q-values, and the per-token negative log-likelihood of SFT gains a
-    temporal-difference term on the implicit reward `Q(s_t, a_t) - gamma * V(s_{t+1})` (Wulfmeier et al. 2024, Eq. 14).
-    With `td_coef=0` the loss is exactly SFT's. The constructor, dataset formats (`text`, `messages`,
-    prompt-completion, standard and conversational), `completion_only_loss`, `assistant_only_loss`, PEFT and
-    `max_length` are SFT's; what IQLearn cannot honour (packing, padding-free batches, other loss types, a custom
-    `compute_loss_func`) is refused at construction.
+    The per-token negative log-likelihood of SFT gains a temporal-difference term on the implicit reward
+    `Q(s_t, a_t) - gamma * V(s_{t+1})`, with `Q(s, a) = V(s) + log pi(a|s)` (Wulfmeier et al. 2024, Eq. 14). `V` is a
+    learned value head on the final hidden state by default (`soft_value="head"`, saved beside the model as
+    `soft_value_head.safetensors`), or the logits' logsumexp. With `td_coef=0` the loss is exactly SFT's. The constructor, dataset formats (`text`, `messages`,
+    prompt-completion, standard and conversational), `completion_only_loss`, `assistant_only_loss`, packing,
+    padding-free batches, PEFT and `max_length` are SFT's (in a packed row each sequence is its own episode); what
+    IQLearn cannot honour (other loss types, a custom `compute_loss_func`) is refused at construction.
 
     Like `SFTTrainer`, the training forward never builds the `(batch, seq_len, vocab)` logits: the Q-value of the
     taken token and the logsumexp are computed tile by tile from the final hidden states.
@@ -128,6 +131,7 @@ class IQLearnTrainer(SFTTrainer):
 
         base_model = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_soft_q_head(base_model, chunk_size=args.logits_chunk_size)
+        self._setup_soft_value(base_model, model)  # the learned value of `soft_value="head"`, loaded if saved
         if is_quantized(base_model):  # an evaluation between steps must not leave its 4-bit layers without a backward
             keep_4bit_layers_differentiable(base_model)
         self._scoring_implicit_rewards = False
@@ -145,6 +149,8 @@ class IQLearnTrainer(SFTTrainer):
             outputs.completion_mask,
             td_coef=self.args.td_coef,
             gamma=self.args.gamma,
+            segment_ids=outputs.segment_ids,  # packed and padding-free rows: each sequence ends on its own
+            **self._soft_value_inputs(inputs, outputs),  # the learned value, and the last actions cut by max_length
         )  # (B, T)
         # Reduced like SFTTrainer: a sum over the completion tokens divided by their number across the whole
         # (accumulated, all-rank) batch when `num_items_in_batch` is given
@@ -167,7 +173,7 @@ class IQLearnTrainer(SFTTrainer):
 
     def _log_step_metrics(self, mode: str, inputs: dict, outputs, metrics: dict[str, torch.Tensor]) -> None:
         mask = outputs.completion_mask  # (B, T)
-        has_actions = mask.any(dim=-1)  # (B,)
+        num_sequences = _num_sequences_with_actions(mask, outputs.segment_ids)
         sums = torch.stack(
             [
                 mask.sum(),
@@ -176,8 +182,8 @@ class IQLearnTrainer(SFTTrainer):
                 outputs.entropy.detach().sum(),
                 outputs.is_top1.sum(),
                 metrics["implicit_reward"].sum(),  # summed per sequence, then over sequences
-                has_actions.sum(),
-                inputs["attention_mask"].sum() if "attention_mask" in inputs else mask.new_tensor(0),
+                num_sequences,
+                _num_input_tokens(inputs, mask),
             ]
         ).float()
         # One gather per step for every metric
@@ -186,6 +192,8 @@ class IQLearnTrainer(SFTTrainer):
         per_token = 1 / n_tokens if n_tokens else 0.0
         self._metrics[mode]["nll"].append(nll * per_token)
         self._metrics[mode]["td_loss"].append(td * per_token)
+        if mode == "train":
+            self._check_td_scale(nll * per_token, td * per_token)  # once, at the first step
         self._metrics[mode]["entropy"].append(entropy * per_token)
         self._metrics[mode]["mean_token_accuracy"].append(correct * per_token)
         self._metrics[mode]["implicit_reward"].append(reward / n_seqs if n_seqs else 0.0)
@@ -200,8 +208,9 @@ class IQLearnTrainer(SFTTrainer):
         """Score rows with the IRL-extracted reward of the current model.
 
         For each row, the reward is the sum over its completion tokens of the implicit reward
-        `Q(s_t, a_t) - gamma * V(s_{t+1})` (Wulfmeier et al. 2024, reward analysis): the per-sequence reward the
-        trained model implies. The dataset is prepared exactly like the training data (same formats, chat template,
+        `Q(s_t, a_t) - gamma * V(s_{t+1})` the loss uses (Wulfmeier et al. 2024, reward analysis): the per-sequence
+        reward the trained model implies. With `soft_value="head"` it reads the value head, which a trainer built on a
+        saved model loads from beside it (see [`~IQLearnTrainer.load_soft_value_head`] for adapters). The dataset is prepared exactly like the training data (same formats, chat template,
         `completion_only_loss`, `assistant_only_loss`, `max_length`), scored with `per_device_eval_batch_size` and
         the trainer's distributed setup, and the rewards come back in the dataset's row order.
 
@@ -229,10 +238,16 @@ class IQLearnTrainer(SFTTrainer):
     @contextlib.contextmanager
     def _implicit_reward_mode(self):
         self._scoring_implicit_rewards = True
+        collator = self.data_collator
+        if getattr(collator, "padding_free", False):
+            # One reward per row: rows are scored padded, which gives the same values (the TD term and the attention
+            # both stop at sequence boundaries) and keeps one output row per dataset row
+            self.data_collator = dataclasses.replace(collator, padding_free=False)
         try:
             yield
         finally:
             self._scoring_implicit_rewards = False
+            self.data_collator = collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not self._scoring_implicit_rewards:
@@ -246,6 +261,8 @@ class IQLearnTrainer(SFTTrainer):
                 outputs.completion_mask,
                 td_coef=self.args.td_coef,
                 gamma=self.args.gamma,
+                segment_ids=outputs.segment_ids,
+                **self._soft_value_inputs(inputs, outputs),
             )
         # Returned as the "logits" so that `predict` gathers them across ranks in row order
         return None, metrics["implicit_reward"].sum(-1, keepdim=True), None  # (B, 1)
@@ -254,3 +271,24 @@ class IQLearnTrainer(SFTTrainer):
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.is_world_process_zero():
             write_model_card(self, output_dir)
+
+
+def _num_sequences_with_actions(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Number of sequences with at least one action; a packed or padding-free row holds several."""
+    if segment_ids is None:
+        return mask.any(dim=-1).sum()
+    B, T = mask.shape
+    # Segment indices count restarts along the row, so they lie in [0, T]
+    actions = mask.long()  # (B, T)
+    has_actions = actions.new_zeros(B, T + 1).scatter_reduce(1, segment_ids, actions, reduce="amax")  # (B, T + 1)
+    return has_actions.sum()
+
+
+def _num_input_tokens(inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """Tokens fed to the model, counted as `SFTTrainer` counts them: a padding-free batch has no attention mask, so
+    every position of its one row counts."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    if "position_ids" in inputs:
+        return torch.tensor(inputs["position_ids"].size(1), device=mask.device)
+    return torch.tensor(0, device=mask.device)
