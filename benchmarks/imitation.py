@@ -388,14 +388,14 @@ def plot(table: dict, path: str, title: str) -> None:
                             marker="x", capsize=3, color="#c44e52", linestyle="none", label=f"{m} (V = logsumexp)")  # fmt: skip
             bands = (("sft", "--", "#4c72b0", "SFTTrainer"), ("expert", ":", "#555555", "expert"),
                      ("start", "-.", "#55a868", "start"))  # fmt: skip
-            for name, style, color, label in bands:
+            for name, style, color, band_label in bands:
                 if metric in methods.get(name, {}):
                     mean, std = methods[name][metric]["mean"], methods[name][metric]["std"]
-                    ax.axhline(mean, linestyle=style, color=color, label=label)
+                    ax.axhline(mean, linestyle=style, color=color, label=band_label)
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
             ax.set_xticks(list(positions), [m.split("@")[1] for m in iqlearn])
             ax.set_xlabel("td_coef")
-            ax.set_title(f"{setting}: {label}", fontsize=9)
+            ax.set_title(f"{setting}\n{label}", fontsize=9)
             ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
