@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datasets import Dataset, IterableDataset, Value
 from transformers.utils import logging
 from trl import is_conversational
-from trl.data_utils import maybe_extract_prompt, unpair_preference_dataset
+from trl.data_utils import get_dataset_column_names, maybe_extract_prompt, unpair_preference_dataset
 
 
 logger = logging.get_logger(__name__)
@@ -115,13 +115,6 @@ def map_kwargs(dataset: Dataset | IterableDataset, num_proc: int | None = None, 
     return {"num_proc": num_proc, "desc": desc} if isinstance(dataset, Dataset) else {}
 
 
-def column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    """A streamed dataset may not know its columns until its first row is read."""
-    if dataset.column_names is not None:
-        return dataset.column_names
-    return list(next(iter(dataset)))
-
-
 def _check_rewarded_row(row: dict, index: int) -> dict:
     """Every streamed row, as it streams: the checks a map-style dataset gets up front."""
     for column, value in (("prompt", row["prompt"]), ("completion", row["completion"])):
@@ -163,7 +156,7 @@ def to_rewarded_dataset(
     """
     if not isinstance(dataset, Dataset | IterableDataset):
         raise TypeError(f"The {name} dataset must be a `datasets.Dataset`, got {type(dataset).__name__}.")
-    columns = set(column_names(dataset))
+    columns = set(get_dataset_column_names(dataset))
     if {"chosen", "rejected"} & columns:
         if not {"chosen", "rejected"} <= columns:
             raise ValueError(f"The {name} dataset has only one of 'chosen' and 'rejected'; preference rows need both.")
@@ -174,7 +167,7 @@ def to_rewarded_dataset(
         if "prompt" not in columns:
             dataset = dataset.map(maybe_extract_prompt, **map_kwargs(dataset, num_proc, f"Extracting {name} prompts"))
         dataset = unpair_preference_dataset(dataset, **map_kwargs(dataset, num_proc, f"Unpairing {name} dataset"))
-        columns = set(column_names(dataset))
+        columns = set(get_dataset_column_names(dataset))
     missing = {"prompt", "completion"} - columns
     if missing:
         raise ValueError(
@@ -231,7 +224,7 @@ def _parse_tools(value, row: int):
 def check_template_columns(dataset: Dataset | IterableDataset, name: str = "train") -> None:
     """Check the `tools` and `chat_template_kwargs` columns, if any: a list of tools (or its JSON string) and a dict
     per row, or `None`. On standard rows no chat template is applied, so they have no effect: warned about."""
-    present = [column for column in TEMPLATE_COLUMNS if column in column_names(dataset)]
+    present = [column for column in TEMPLATE_COLUMNS if column in get_dataset_column_names(dataset)]
     if not present:
         return
     for row, values in _iter_rows(dataset, present):

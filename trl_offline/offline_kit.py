@@ -66,6 +66,20 @@ BPE_CHAT_TEMPLATE = (
 ) + CHAT_TEMPLATE
 
 
+def _as_transformers_tokenizer(tokenizer: Tokenizer, chat_template: str) -> PreTrainedTokenizerFast:
+    """Both kit tokenizers share their special tokens (ChatML, eos = end of turn), pad and length."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=IM_END,
+        additional_special_tokens=[IM_START],
+        chat_template=chat_template,
+        model_max_length=2048,
+    )
+
+
 def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     """A character-level tokenizer built with `tokenizers`: one token per printable character plus ChatML tokens.
 
@@ -80,16 +94,7 @@ def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=IM_END,
-        additional_special_tokens=[IM_START],
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
-    )
+    return _as_transformers_tokenizer(tokenizer, CHAT_TEMPLATE)
 
 
 BPE_VOCAB_SIZE = 400
@@ -147,16 +152,7 @@ def build_bpe_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> PreTrainedTokenizer
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
     tokenizer.train_from_iterator(_bpe_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=IM_END,
-        additional_special_tokens=[IM_START],
-        chat_template=BPE_CHAT_TEMPLATE,
-        model_max_length=2048,
-    )
+    return _as_transformers_tokenizer(tokenizer, BPE_CHAT_TEMPLATE)
 
 
 TOKENIZERS = ("char", "bpe")

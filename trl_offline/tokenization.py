@@ -5,10 +5,10 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 from trl import is_conversational
-from trl.data_utils import common_prefix_length
+from trl.data_utils import common_prefix_length, get_dataset_column_names
 
 from ._trl_compat import tokenize
-from .data import chat_template_kwargs, column_names, drop_long_prompts, map_kwargs, to_rewarded_dataset
+from .data import chat_template_kwargs, drop_long_prompts, map_kwargs, to_rewarded_dataset
 
 
 logger = logging.get_logger(__name__)
@@ -55,11 +55,11 @@ def prepare_rewarded_dataset(
     `prompt_ids` and `completion_ids` that fit in `args.max_length`, tokenized by [`tokenize_row`]; rows whose
     prompt alone fills `max_length` are dropped (with a warning), as `KTOTrainer` drops them. Every check names the
     column and the row. A streamed dataset is prepared lazily, as it streams; a prepared one is returned as it is."""
-    if "prompt_ids" in column_names(dataset):  # already prepared, e.g. by a previous call
+    if "prompt_ids" in get_dataset_column_names(dataset):  # already prepared, e.g. by a previous call
         return dataset
     num_proc = args.dataset_num_proc
     if scored_by_reward_funcs:
-        if "reward" in column_names(dataset):
+        if "reward" in get_dataset_column_names(dataset):
             raise ValueError(
                 f"The {name} dataset has a 'reward' column and `reward_funcs` were given: pass one source of "
                 "rewards (drop the column or the functions)."

@@ -9,9 +9,10 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 from trl import create_reference_model
+from trl.data_utils import get_dataset_column_names
 
 from .._trl_compat import create_model_from_path, disable_dropout_in_model, use_adapter
-from ..data import column_names, map_kwargs
+from ..data import map_kwargs
 from ..losses import dro_loss
 from ..offline_trainer import STREAM_SAMPLE_ROWS, OfflineRLTrainer
 from .config import DROConfig
@@ -240,7 +241,8 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here is prepared like the ones given at construction
-        if isinstance(eval_dataset, Dataset | IterableDataset) and "prompt_ids" not in column_names(eval_dataset):
+        is_dataset = isinstance(eval_dataset, Dataset | IterableDataset)
+        if is_dataset and "prompt_ids" not in get_dataset_column_names(eval_dataset):
             eval_dataset = self.prepare_eval_dataset(eval_dataset)
             if self.args.precompute_ref_log_probs:
                 eval_dataset = self._with_reference_logps(eval_dataset, "eval")
