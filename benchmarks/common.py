@@ -129,10 +129,13 @@ def summary(seconds: list[float]) -> dict:
 def time_steps(trainers: dict, batches: dict, warmup: int, device: torch.device) -> tuple[dict, dict, dict]:
     """Runs step `i` of every trainer on its batch `i`, the trainers taking turns (each leads in rotation), so machine
     noise hits all alike. Returns the step seconds after `warmup` steps, the CUDA peak increases over those steps
-    (`max_memory_allocated` over `memory_allocated` before the step; zeros on CPU), and every step's loss."""
+    (`max_memory_allocated` over `memory_allocated` before the step; zeros on CPU) with the largest
+    `max_memory_allocated` itself (`peak_bytes`: every trainer's state counted), and every step's loss."""
     names = list(trainers)
     seconds = {name: [] for name in names}
-    cuda_peak = {name: {"peak_increase_bytes": 0, "baseline_bytes": 0, "new_peak": True} for name in names}
+    cuda_peak = {
+        name: {"peak_increase_bytes": 0, "baseline_bytes": 0, "peak_bytes": 0, "new_peak": True} for name in names
+    }
     losses = {name: [] for name in names}
     num_steps = len(batches[names[0]])
     for i in range(num_steps):
@@ -147,9 +150,11 @@ def time_steps(trainers: dict, batches: dict, warmup: int, device: torch.device)
             toc = time.perf_counter()
             if i >= warmup:
                 seconds[name].append(toc - tic)
-                increase = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+                increase = peak - baseline if device.type == "cuda" else 0
                 if increase > cuda_peak[name]["peak_increase_bytes"]:
                     cuda_peak[name].update(peak_increase_bytes=increase, baseline_bytes=baseline)
+                cuda_peak[name]["peak_bytes"] = max(cuda_peak[name]["peak_bytes"], peak)
         done = "warm-up" if i < warmup else ", ".join(f"{n} {s[-1]:.3f} s" for n, s in seconds.items())
         print(f"step {i + 1}/{num_steps}: {done}", flush=True)
     return seconds, cuda_peak, losses
@@ -159,8 +164,9 @@ def memory_in_subprocess(script: str, name: str, model_path: str, args, forwarde
     """Runs `script --measure-memory=name` in a fresh process (CPU peak memory: see the cost scripts' docstrings),
     forwarding the `forwarded` options of `args` and its `bf16` / `activation_checkpointing` flags; returns the JSON
     record it prints last."""
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in forwarded]
-    flags = [f"--{flag.replace('_', '-')}" for flag in ("bf16", "activation_checkpointing") if getattr(args, flag)]
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in forwarded and v is not None]
+    flags = ("bf16", "activation_checkpointing", "tie_word_embeddings")
+    flags = [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag, False)]
     command = [sys.executable, script, f"--measure-memory={name}", f"--model-path={model_path}", *options, *flags]
     out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -183,15 +189,25 @@ def memory_in_subprocesses(script: str, names, model_path: str, args, forwarded:
     return medians
 
 
+def memory_not_measured(names) -> dict:
+    """The memory record of each trainer when the CPU readings are skipped (`--no-cpu-memory`): no figures."""
+    return {name: {"peak_increase_bytes": None, "baseline_bytes": None, "new_peak": None} for name in names}
+
+
 def cost_plot_title(args) -> str:
     """The machine and the sizes a cost plot's figures came from."""
     device = (
         torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     )
+    shape = f"{args.preset}: " if getattr(args, "preset", None) else ""
     return (
-        f"{device}: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, sequence {args.seq_len}, "
+        f"{device}: {shape}{args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, sequence {args.seq_len}, "
         f"batch {args.batch_size}, {args.steps} timed steps" + (", bf16" if args.bf16 else "")
     )
+
+
+def _mib(num_bytes: int | None) -> float | None:
+    return None if num_bytes is None else num_bytes / 2**20
 
 
 def plot_cost(timing: dict, memory: dict, labels: dict, path: str, title: str) -> None:
@@ -210,12 +226,17 @@ def plot_cost(timing: dict, memory: dict, labels: dict, path: str, title: str) -
     above = [timing[name]["q3_s"] - timing[name]["median_s"] for name in names]
     time_ax.bar(ticks, medians, yerr=[below, above], capsize=3, color="#4c72b0")
     time_ax.set_ylabel("seconds per step (median, IQR)")
-    mib = [memory[name]["peak_increase_bytes"] / 2**20 for name in names]
-    runs = [[b / 2**20 for b in memory[name].get("peak_increase_bytes_runs", [memory[name]["peak_increase_bytes"]])]
+    mib = [_mib(memory[name]["peak_increase_bytes"]) for name in names]
+    runs = [[_mib(b) for b in memory[name].get("peak_increase_bytes_runs", [memory[name]["peak_increase_bytes"]])]
             for name in names]  # fmt: skip
-    below = [m - min(r) for m, r in zip(mib, runs)]
-    above = [max(r) - m for m, r in zip(mib, runs)]
-    memory_ax.bar(ticks, mib, yerr=[below, above], capsize=3, color="#dd8452")
+    below = [0 if m is None else m - min(r) for m, r in zip(mib, runs)]
+    above = [0 if m is None else max(r) - m for m, r in zip(mib, runs)]
+    if any(m is None for m in mib):  # `--no-cpu-memory`
+        memory_ax.text(0.5, 0.5, "memory not measured", ha="center", va="center", transform=memory_ax.transAxes)
+        memory_ax.set_xticks(range(len(ticks)), ticks)
+        memory_ax.set_xlim(-0.5, len(ticks) - 0.5)
+    else:
+        memory_ax.bar(ticks, mib, yerr=[below, above], capsize=3, color="#dd8452")
     memory_ax.set_ylabel("peak memory increase, MiB (median, range)")
     for ax in (time_ax, memory_ax):
         ax.tick_params(axis="x", rotation=20, labelsize=8)
@@ -227,7 +248,26 @@ def plot_cost(timing: dict, memory: dict, labels: dict, path: str, title: str) -
 
 # The options both cost scripts take, forwarded to their memory subprocesses (with each script's own)
 COST_OPTIONS = ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len", "batch_size", "steps", "warmup")
-COST_OPTIONS += ("memory_steps", "device", "seed")
+COST_OPTIONS += ("memory_steps", "device", "seed", "kv_heads", "head_dim", "intermediate")
+
+# Real models' shapes for `--preset`: randomly initialised Llamas of those sizes (not the models' own classes, whose
+# tokenizer mappings would go around the offline kit's tokenizer; see `build_tiny_model`). Options given on the
+# command line win over a preset's.
+PRESETS = {
+    # Qwen3-0.6B's configuration (its q/k norms aside), at a 2,048-token sequence with a quarter of it prompt
+    "qwen3-0.6b": dict(
+        vocab=151936,
+        hidden=1024,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=3072,
+        tie_word_embeddings=True,
+        seq_len=2048,
+        prompt_len=512,
+    ),
+}
 
 
 def add_cost_arguments(parser, steps: int, trainers: str) -> None:
@@ -236,6 +276,11 @@ def add_cost_arguments(parser, steps: int, trainers: str) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, help="key-value heads (default: --heads)")
+    parser.add_argument("--head-dim", type=int, help="per-head size (default: hidden / heads)")
+    parser.add_argument("--intermediate", type=int, help="MLP size (default: 2 x hidden, as the offline kit's)")
+    parser.add_argument("--tie-word-embeddings", action="store_true", help="the LM head shares the embeddings")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a real model's shape; explicit options win")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row; the rest is completion")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -245,12 +290,25 @@ def add_cost_arguments(parser, steps: int, trainers: str) -> None:
     parser.add_argument(
         "--memory-repeats", type=int, default=3, help="CPU memory subprocesses per trainer; the median is reported"
     )
+    parser.add_argument(
+        "--no-cpu-memory", action="store_true", help="on CPU, skip the memory subprocesses (no memory figures)"
+    )
     parser.add_argument("--bf16", action="store_true", help=f"bf16 mixed precision for {trainers}")
     parser.add_argument("--activation-checkpointing", action="store_true", help=f"for {trainers} (default off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="vocab 4000, hidden 64, 2 layers, seq 128, batch 4")
     parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set in the memory subprocess
+
+
+def parse_cost_arguments(parser, argv=None):
+    """`parser.parse_args`, with `--preset`'s sizes as the defaults that explicit options override."""
+    known, _ = parser.parse_known_args(argv)
+    if known.preset and known.quick:
+        parser.error("--preset and --quick set the sizes both: give one")
+    if known.preset:
+        parser.set_defaults(**PRESETS[known.preset])
+    return parser.parse_args(argv)
 
 
 def apply_quick_sizes(args) -> None:
@@ -285,31 +343,105 @@ def cost_record_fields(args, device: torch.device, timing: dict, memory: dict) -
         f"exists), over {args.memory_steps} full-size step(s); the median of {args.memory_repeats} such processes "
         "per trainer, the trainers taking turns"
     )
+    if memory[next(iter(timing))]["peak_increase_bytes"] is None:
+        memory_method = "not measured (--no-cpu-memory)"
+    tokens_per_step = args.batch_size * args.seq_len
     results = {
         name: {
             **{key: timing[name][key] for key in ("median_s", "iqr_s", "q1_s", "q3_s")},
             "step_seconds": timing[name]["seconds"],
-            "peak_increase_mib": memory[name]["peak_increase_bytes"] / 2**20,
+            "peak_increase_mib": _mib(memory[name]["peak_increase_bytes"]),
             "peak_increase_mib_runs": [b / 2**20 for b in memory[name].get("peak_increase_bytes_runs", [])],
-            "memory_baseline_mib": memory[name]["baseline_bytes"] / 2**20,  # RSS on CPU, allocated on CUDA
+            "memory_baseline_mib": _mib(memory[name]["baseline_bytes"]),  # RSS on CPU, allocated on CUDA
             "new_peak": memory[name]["new_peak"],
+            # The whole process: every trainer's state on CUDA (`max_memory_allocated`), the trainer's own process's
+            # peak RSS on CPU
+            "peak_mib": _mib(memory[name].get("peak_bytes", _sum_or_none(memory[name], "baseline_bytes"))),
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_second": tokens_per_step / timing[name]["median_s"],
         }
         for name in timing
     }
     config = {**COST_OPTIMIZER, "bf16": args.bf16, "activation_checkpointing": args.activation_checkpointing}
-    return {"config": config, "memory_method": memory_method, "results": results}
+    tokens = "tokens_per_step: the batch's training rows, batch_size x seq_len (every row is seq_len tokens); "
+    tokens += "tokens_per_second: tokens_per_step / median step seconds"
+    return {"config": config, "memory_method": memory_method, "tokens_method": tokens, "results": results}
+
+
+def _sum_or_none(record: dict, baseline_key: str) -> int | None:
+    """Baseline plus peak increase: the absolute peak of a reading that only kept those two."""
+    if record[baseline_key] is None or record["peak_increase_bytes"] is None:
+        return None
+    return record[baseline_key] + record["peak_increase_bytes"]
+
+
+def cost_sizes(args) -> dict:
+    """The model, sequence, batch and step sizes a cost record quotes."""
+    sizes = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len")}
+    sizes.update(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+    if _custom_shape(args):
+        sizes.update(
+            kv_heads=args.kv_heads or args.heads,
+            head_dim=args.head_dim or args.hidden // args.heads,
+            intermediate=args.intermediate or 2 * args.hidden,
+            tie_word_embeddings=args.tie_word_embeddings,
+            preset=args.preset,
+        )
+    return sizes
+
+
+def _custom_shape(args) -> bool:
+    """Whether the model differs from the offline kit's `build_tiny_model` at `args`' sizes (the scripts that take
+    no shape options never do)."""
+    extras = [getattr(args, name, None) for name in ("kv_heads", "head_dim", "intermediate")]
+    return any(x is not None for x in extras) or getattr(args, "tie_word_embeddings", False)
+
+
+KIT_MAX_POSITIONS = 1024  # `build_tiny_model`'s max_position_embeddings
 
 
 def build_cost_model(root: str, args) -> str:
-    """The offline kit's randomly initialised Llama at the sizes of `args`, saved under `root`; returns its path."""
+    """The offline kit's randomly initialised Llama at the sizes of `args`, saved under `root`; returns its path.
+
+    With the shape options (`--kv-heads`, `--head-dim`, `--intermediate`, `--tie-word-embeddings`), the kit saves its
+    tokenizer and a small model, and a Llama of the full shape (with room for `--seq-len` positions), initialised on
+    `args.device` (fast on a GPU), is saved over that model."""
     from trl_offline.offline_kit import build_tiny_model
 
-    return build_tiny_model(
-        os.path.join(root, "model"),
-        architecture="llama",
+    path = os.path.join(root, "model")
+    if not _custom_shape(args):
+        return build_tiny_model(
+            path,
+            architecture="llama",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            vocab_size=args.vocab,
+            seed=args.seed,
+        )
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    build_tiny_model(path, num_layers=1, vocab_size=args.vocab, tie_word_embeddings=args.tie_word_embeddings)
+    kit = AutoConfig.from_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=kit.vocab_size,
         hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        vocab_size=args.vocab,
-        seed=args.seed,
+        intermediate_size=args.intermediate or 2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        head_dim=args.head_dim or args.hidden // args.heads,
+        max_position_embeddings=max(KIT_MAX_POSITIONS, args.seq_len),
+        tie_word_embeddings=args.tie_word_embeddings,
+        bos_token_id=kit.bos_token_id,
+        eos_token_id=kit.eos_token_id,
+        pad_token_id=kit.pad_token_id,
     )
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)  # fp32, as the kit's: the trainers' bf16 is mixed precision over fp32 weights
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return path

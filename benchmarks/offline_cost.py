@@ -24,6 +24,12 @@ plus its value network's own weights, gradients and AdamW state (16 bytes per tr
 
     python benchmarks/offline_cost.py            # the issue's sizes; writes results/offline_cost.json
     python benchmarks/offline_cost.py --quick    # small sizes, about a minute, a smoke run (writes no JSON)
+
+Not run by default: `--trainers ... kto_lora dro_adapter` adds DRO's third value network, `adapter` (a second LoRA
+adapter on the policy's frozen base), against `KTOTrainer` with the same LoRA (`_lora_config`: rank 16 on every
+projection); the two compare as `dro` does with `kto`, the value state being the value adapter's and head's.
+`--preset`, `--no-cpu-memory` and the tokens per second and absolute peaks are as in `iqlearn_cost.py`; the
+precompute also gives rows per second.
 """
 
 import argparse
@@ -43,9 +49,12 @@ from common import (
     build_cost_model,
     cost_plot_title,
     cost_record_fields,
+    cost_sizes,
     current_rss_bytes,
     finish_cost_arguments,
     memory_in_subprocesses,
+    memory_not_measured,
+    parse_cost_arguments,
     peak_rss_bytes,
     plot_cost,
     provenance,
@@ -60,13 +69,31 @@ from common import (
 
 MIB = 2**20
 TRAINERS = ("sft", "alol", "kto", "dro", "dro_policy_head")
+PEFT_TRAINERS = ("kto_lora", "dro_adapter")  # on request: the LoRA pair
 LABELS = {
     "sft": "SFTTrainer",
     "alol": "ALoLTrainer",
     "kto": "KTOTrainer",
     "dro": "DROTrainer (separate value)",
     "dro_policy_head": "DROTrainer (policy_head)",
+    "kto_lora": "KTOTrainer (LoRA)",
+    "dro_adapter": "DROTrainer (adapter, LoRA)",
 }
+# The data format each trainer reads, the DRO variants' value networks, and each DRO variant's KTO counterpart
+FORMATS = {"sft": "sft", "alol": "alol", "kto": "kto", "kto_lora": "kto", "dro": "dro", "dro_policy_head": "dro"}
+FORMATS["dro_adapter"] = "dro"
+VALUE_NETWORKS = {"dro_policy_head": "policy_head", "dro_adapter": "adapter"}
+KTO_OF = {"dro": "kto", "dro_policy_head": "kto", "dro_adapter": "kto_lora"}
+
+
+def _lora_config():
+    """Rank 16 on every projection of the attention and the MLP (not the LM head, which DRO refuses)."""
+    from peft import LoraConfig
+
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
+
+
 BYTES_PER_TRAINED_PARAMETER = 16  # fp32 weight, gradient and two AdamW moments
 
 
@@ -80,6 +107,7 @@ def _rows(args) -> list[dict]:
 
 def _examples(name: str, rows: list[dict]) -> list[dict]:
     """`rows` (one batch) in the columns trainer `name` collates."""
+    name = FORMATS[name]
     completion_len = len(rows[0]["completion_ids"])
     if name == "sft":
         return [
@@ -114,8 +142,8 @@ def _config_kwargs(name: str, args, output_dir: str) -> dict:
         seed=args.seed,
         gradient_checkpointing=args.activation_checkpointing,
     )
-    if name == "dro_policy_head":
-        common["value_network"] = "policy_head"
+    if name in VALUE_NETWORKS:
+        common["value_network"] = VALUE_NETWORKS[name]
     return common
 
 
@@ -126,21 +154,22 @@ def _trainer(name: str, args, model_path: str, rows: list[dict], output_dir: str
     from trl_offline import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer
 
     kwargs = _config_kwargs(name, args, output_dir)
+    peft = {"peft_config": _lora_config()} if name in PEFT_TRAINERS else {}
     small = rows[: 2 * args.batch_size]
     if name == "sft":
         dataset = Dataset.from_list(_examples("sft", small))
         trainer = SFTTrainer(model_path, args=SFTConfig(**kwargs, completion_only_loss=True), train_dataset=dataset)
-    elif name == "kto":
+    elif FORMATS[name] == "kto":
         # KTO tokenizes text: its dataset only has to build the trainer; the timed batches are collated from `rows`
         text = Dataset.from_list([{"prompt": "ab=", "completion": "ab", "label": i % 2 == 0} for i in range(4)])
-        trainer = KTOTrainer(model_path, args=KTOConfig(**kwargs), train_dataset=text)
+        trainer = KTOTrainer(model_path, args=KTOConfig(**kwargs), train_dataset=text, **peft)
     else:
         dataset = Dataset.from_list([{**r, "reward": float(i % 2)} for i, r in enumerate(small)])
         if name == "alol":
             config = ALoLConfig(**kwargs, value_num_prompts=len(small), value_num_epochs=1)
             trainer = ALoLTrainer(model_path, args=config, train_dataset=dataset)
         else:
-            trainer = DROTrainer(model_path, args=DROConfig(**kwargs), train_dataset=dataset)
+            trainer = DROTrainer(model_path, args=DROConfig(**kwargs), train_dataset=dataset, **peft)
     trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
     trainer.model_wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
     trainer.current_gradient_accumulation_steps = 1  # what `train()` sets before its first step
@@ -211,6 +240,7 @@ def _precompute_seconds(args, model_path: str, root: str) -> dict:
         "seconds": seconds,
         "extra_seconds": extra,
         "extra_seconds_per_row": extra / args.precompute_rows,
+        "rows_per_second": args.precompute_rows / extra if extra > 0 else None,
     }
 
 
@@ -220,10 +250,13 @@ def run(args):
     names = list(args.trainers)
     with tempfile.TemporaryDirectory() as root:
         model_path = build_cost_model(root, args)
-        if device.type != "cuda":
+        if device.type != "cuda" and args.no_cpu_memory:
+            memory = memory_not_measured(names)
+        elif device.type != "cuda":
             # Before this process grows: Linux carries the parent's peak RSS into a child's `ru_maxrss`
             memory = memory_in_subprocesses(__file__, names, model_path, args, _FORWARDED)
         precompute = _precompute_seconds(args, model_path, root) if "alol" in names else None
+        gc.collect()  # the precompute's two trainers, before the timed ones take their memory
         rows = _rows(args)
         trainers = {name: _trainer(name, args, model_path, rows, root) for name in names}
         batches = {name: _batches(name, trainers[name], args, rows) for name in names}
@@ -233,35 +266,43 @@ def run(args):
         del trainers
         gc.collect()
         if device.type == "cuda":
-            memory = {name: {**cuda_peak[name], "value_state_bytes": value_bytes[name]} for name in names}
+            memory = cuda_peak
+        memory = {name: {**memory[name], "value_state_bytes": value_bytes[name]} for name in names}
 
     timing = {name: summary(s) for name, s in seconds.items()}
-    mib = {name: memory[name]["peak_increase_bytes"] / MIB for name in names}
+    measured = memory[names[0]]["peak_increase_bytes"] is not None
+    mib = {name: memory[name]["peak_increase_bytes"] / MIB if measured else None for name in names}
     ratios, targets = {}, {}
     if {"sft", "alol"} <= set(names):
         ratios["alol_vs_sft_step_time"] = timing["alol"]["median_s"] / timing["sft"]["median_s"]
-        ratios["alol_vs_sft_peak_memory"] = mib["alol"] / max(mib["sft"], 1e-9)
+        ratios["alol_vs_sft_peak_memory"] = mib["alol"] / max(mib["sft"], 1e-9) if measured else None
         targets["alol_vs_sft_step_time"] = {"at_most": 1.15}
-    for dro in ("dro", "dro_policy_head"):
-        if {"kto", dro} <= set(names):
-            ratios[f"{dro}_vs_kto_step_time"] = timing[dro]["median_s"] / timing["kto"]["median_s"]
-            ratios[f"{dro}_vs_kto_peak_memory"] = mib[dro] / max(mib["kto"], 1e-9)
+    for dro, kto in KTO_OF.items():
+        if {kto, dro} <= set(names):
+            # The LoRA pair's keys name their counterpart: `dro_adapter_vs_kto_lora_...`
+            ratios[f"{dro}_vs_{kto}_step_time"] = timing[dro]["median_s"] / timing[kto]["median_s"]
+            ratios[f"{dro}_vs_{kto}_peak_memory"] = mib[dro] / max(mib[kto], 1e-9) if measured else None
             allowance = 0.0 if dro == "dro_policy_head" else memory[dro]["value_state_bytes"] / MIB
-            ratios[f"{dro}_vs_kto_plus_value_state_peak_memory"] = mib[dro] / max(mib["kto"] + allowance, 1e-9)
-            targets[f"{dro}_vs_kto_step_time"] = {"at_most": 1.0}
-            targets[f"{dro}_vs_kto_plus_value_state_peak_memory"] = {"at_most": 1.0}
+            ratios[f"{dro}_vs_{kto}_plus_value_state_peak_memory"] = (
+                mib[dro] / max(mib[kto] + allowance, 1e-9) if measured else None
+            )
+            targets[f"{dro}_vs_{kto}_step_time"] = {"at_most": 1.0}
+            targets[f"{dro}_vs_{kto}_plus_value_state_peak_memory"] = {"at_most": 1.0}
     for key, target in targets.items():
-        target["met"] = ratios[key] <= target["at_most"]
+        target["met"] = None if ratios[key] is None else ratios[key] <= target["at_most"]
 
-    sizes = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "seq_len", "prompt_len")}
-    sizes.update(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+    sizes = cost_sizes(args)
     print(f"\n{sizes}")
     print(f"{'trainer':<30}{'median s':>10}{'IQR s':>9}{'peak +MiB':>11}{'value state MiB':>17}")
     for name in names:
         t = timing[name]
         value_mib = memory[name]["value_state_bytes"] / MIB
-        print(f"{LABELS[name]:<30}{t['median_s']:>10.3f}{t['iqr_s']:>9.3f}{mib[name]:>11.1f}{value_mib:>17.1f}")
+        peak = "-" if mib[name] is None else f"{mib[name]:.1f}"
+        print(f"{LABELS[name]:<30}{t['median_s']:>10.3f}{t['iqr_s']:>9.3f}{peak:>11}{value_mib:>17.1f}")
     for key, ratio in ratios.items():
+        if ratio is None:
+            print(f"{key}: not measured")
+            continue
         verdict = (
             ""
             if key not in targets
@@ -299,11 +340,11 @@ def run(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cost_arguments(parser, steps=6, trainers="every trainer")
-    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS + PEFT_TRAINERS, default=list(TRAINERS))
     parser.add_argument("--precompute-rows", type=int, default=256, help="rows of the A-LoL precompute timing")
     parser.add_argument("--output", help="JSON to write (default: results/offline_cost.json; none with --quick)")
-    parser.add_argument("--measure-memory", choices=TRAINERS, help=argparse.SUPPRESS)  # set in the subprocess
-    args = parser.parse_args()
+    parser.add_argument("--measure-memory", choices=TRAINERS + PEFT_TRAINERS, help=argparse.SUPPRESS)  # subprocess
+    args = parse_cost_arguments(parser)
     if args.quick:
         apply_quick_sizes(args)
         args.steps, args.precompute_rows = 4, 32

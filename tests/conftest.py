@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from helpers import pretrain_tiny_model
 
 
 # No machine here reaches a hub; make any accidental call fail fast instead of hanging, and keep telemetry off.
@@ -29,33 +30,15 @@ def tiny_tied_model_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained_tiny_model_path(tmp_path_factory):
-    """A tiny Llama first trained with TRL's `SFTTrainer` on the kit's sorting answers of mixed quality (a
-    pretrained start, as users fine-tune one): its greedy answers are often partly right, so their rewards, values
-    and advantages vary from prompt to prompt."""
-    from trl import SFTConfig, SFTTrainer
+    """The tiny Llama with the character tokenizer, pretrained (`pretrain_tiny_model`): its greedy answers are often
+    partly right, so their rewards, values and advantages vary from prompt to prompt."""
+    return pretrain_tiny_model(tmp_path_factory.mktemp("pretrained-tiny-llama"))
 
-    from trl_offline.offline_kit import build_tiny_model, make_scored_dataset
 
-    root = tmp_path_factory.mktemp("pretrained-tiny-llama")
-    config = SFTConfig(
-        output_dir=str(root / "sft"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        max_steps=150,
-        per_device_train_batch_size=32,
-        learning_rate=3e-3,
-        warmup_steps=10,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    rows = make_scored_dataset("prompt_completion", 1024, seed=123, score="none")
-    trainer = SFTTrainer(build_tiny_model(str(root / "base")), args=config, train_dataset=rows)
-    trainer.train()
-    trainer.save_model()
-    return config.output_dir
+@pytest.fixture(scope="session")
+def pretrained_tiny_bpe_model_path(tmp_path_factory):
+    """The same pretrained start with the kit's byte-level BPE tokenizer."""
+    return pretrain_tiny_model(tmp_path_factory.mktemp("pretrained-tiny-llama-bpe"), "bpe")
 
 
 def _save_tiny_model(path: str, model_class, config_class, tokenizer=None, **config) -> str:

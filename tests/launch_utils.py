@@ -21,15 +21,22 @@ DEEPSPEED_ENV = {
 
 
 def run_recipe(
-    script: str, *args: str, accelerate_config: str | None = None, timeout: int = 900, env: dict | None = None
+    script: str,
+    *args: str,
+    accelerate_config: str | None = None,
+    num_processes: int | None = None,
+    timeout: int = 900,
+    env: dict | None = None,
 ):
     """`python recipes/<script> args` (or `python <script>` for a path), or the same under `accelerate launch
-    --config_file recipes/accelerate_configs/<config>`, with `env` added to the environment; fails the test with the
-    end of stderr unless it exits 0."""
+    --config_file recipes/accelerate_configs/<config>` (on `num_processes` processes instead of the config's), with
+    `env` added to the environment; fails the test with the end of stderr unless it exits 0."""
     launcher = [sys.executable]
     if accelerate_config is not None:
         config = f"recipes/accelerate_configs/{accelerate_config}"
         launcher += ["-m", "accelerate.commands.launch", "--config_file", config]
+        if num_processes is not None:
+            launcher += ["--num_processes", str(num_processes)]
     env = {**(OFFLINE_ENV if accelerate_config is None else DEEPSPEED_ENV), **(env or {})}
     command = [*launcher, script if "/" in script else f"recipes/{script}", *args, "--disable_tqdm", "true"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
