@@ -56,7 +56,7 @@ CPU_RUN = dict(
 
 
 def run_iqlearn(
-    model_path: str, output_dir: str, *, max_steps: int = 400, td_coef: float = 0.1, seed: int = 0
+    model_path: str, output_dir: str, *, max_steps: int = 400, td_coef: float = 0.03, seed: int = 0
 ) -> dict[str, float]:
     """IQLearn on expert demonstrations of the sorting task; returns the held-out rewards before and after, and how
     often the extracted reward ranks the expert's answer above a corrupted one."""
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         default=None,
         help="Steps of each run (default: 400 IQLearn, 300 A-LoL, 200 DRO after 300 of SFT).",
     )
-    parser.add_argument("--td_coef", type=float, default=0.1, help="IQLearn's TD coefficient.")
+    parser.add_argument("--td_coef", type=float, default=0.03, help="IQLearn's TD coefficient (its default).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

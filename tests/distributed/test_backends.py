@@ -17,9 +17,11 @@ import tempfile
 
 import pytest
 from launch_utils import logged_steps, run_recipe
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trl_offline.dro.value_networks import PromptValueModel
+from trl_offline.iqlearn.soft_value import SOFT_VALUE_HEAD_FILE
 
 
 TRAINERS = ("iqlearn", "alol", "dro")
@@ -111,3 +113,22 @@ def test_peft_trains_under_zero3(tmp_path, trainer):
     assert (tmp_path / "adapter_model.safetensors").is_file()
     digests = _digests(result.stdout)
     assert digests[0] == digests[1]
+
+
+def test_iqlearn_packed_on_three_processes_trains_like_one(tmp_path, pretrained_tiny_bpe_model_path):
+    # An SFT user's setting: a pretrained model with a byte-level BPE, packing on, IQLearn's shipped defaults (the
+    # learned soft value), 3 DDP processes against one with the same global batch (3 x 4 packed rows against 12)
+    packed = ["--model_name_or_path", pretrained_tiny_bpe_model_path, "--packing", "true"]
+    one = run_recipe(HARNESS, *_args("iqlearn", tmp_path / "one", *packed, "--per_device_train_batch_size", "12"))
+    three = run_recipe(
+        HARNESS,
+        *_args("iqlearn", tmp_path / "three", *packed, "--per_device_train_batch_size", "4"),
+        accelerate_config="ddp_cpu.yaml",
+        num_processes=3,
+    )
+    assert len(_losses(three.stdout)) == 4
+    assert _losses(three.stdout) == pytest.approx(_losses(one.stdout), rel=RTOL)
+    digests = _digests(three.stdout)
+    assert set(digests) == {0, 1, 2} and len(set(digests.values())) == 1, digests  # the head included
+    head = load_file(str(tmp_path / "three" / SOFT_VALUE_HEAD_FILE))
+    assert any(weight.abs().sum() > 0 for weight in head.values())  # the zero-initialised value head trained

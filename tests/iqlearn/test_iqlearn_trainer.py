@@ -142,7 +142,7 @@ def test_training_changes_every_parameter_and_logs_metrics(tmp_path, tiny_model_
     for key in ("loss", "nll", "td_loss", "implicit_reward", "entropy", "mean_token_accuracy", "num_tokens"):
         assert key in logged, key
     # The loss is the NLL plus td_coef times the TD term, both logged as token means
-    assert logged["loss"] == pytest.approx(logged["nll"] + 0.1 * logged["td_loss"], rel=1e-3)
+    assert logged["loss"] == pytest.approx(logged["nll"] + 0.03 * logged["td_loss"], rel=1e-3)  # the default
 
 
 def test_peft_trains_only_the_adapters(tmp_path, tiny_model_path):
@@ -214,7 +214,7 @@ def test_model_card_names_the_method_and_cites_the_paper(tmp_path, tiny_model_pa
 def test_plain_training_arguments_are_converted(tmp_path, tiny_model_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = IQLearnTrainer(tiny_model_path, args=args, train_dataset=make_dataset("prompt_completion", 8))
-    assert isinstance(trainer.args, IQLearnConfig) and trainer.args.td_coef == 0.1
+    assert isinstance(trainer.args, IQLearnConfig) and trainer.args.td_coef == 0.03
 
 
 @pytest.mark.parametrize(
@@ -301,7 +301,7 @@ def test_evaluation_logs_the_same_metrics(tmp_path, tiny_model_path):
     metrics = trainer.evaluate()
     for key in ("eval_loss", "eval_nll", "eval_td_loss", "eval_implicit_reward", "eval_mean_token_accuracy"):
         assert key in metrics, key
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_td_loss"], rel=1e-4)
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.03 * metrics["eval_td_loss"], rel=1e-4)
 
 
 def test_implicit_rewards_refuse_rows_with_no_completion_left(tmp_path, tiny_model_path):
@@ -458,7 +458,7 @@ def test_packing_and_padding_free_train_evaluate_and_score_rows(tmp_path, tiny_m
     # Evaluation runs on packed rows too with `eval_packing`, padding-free ones with `padding_free`
     assert len(trainer.eval_dataset) < 4 if trainer.args.eval_packing else len(trainer.eval_dataset) == 4
     metrics = trainer.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_td_loss"], rel=1e-4)
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.03 * metrics["eval_td_loss"], rel=1e-4)
 
 
 def test_wrapped_packing_warns_that_each_row_is_one_episode(tmp_path, caplog):
