@@ -1,10 +1,13 @@
-"""Metrics of the imitation benchmark, in plain Python: diversity of samples (distinct-n, self-BLEU), the distance
-between two distributions over answers, and rank correlation. Texts are sequences of tokens (strings of characters
-for the offline kit's character tokenizer)."""
+"""Metrics of the benchmarks. The imitation benchmark's, in plain Python: diversity of samples (distinct-n,
+self-BLEU), the distance between two distributions over answers, and rank correlation; texts are sequences of tokens
+(strings of characters for the offline kit's character tokenizer). The frontier benchmark's, in torch: KL(pi || pi_ref)
+of a policy's sampled completions, summed over their tokens (`sequence_kl`, `completion_kl`)."""
 
 import math
 from collections import Counter
 from collections.abc import Sequence
+
+import torch
 
 
 def ngrams(tokens: Sequence, n: int) -> list[tuple]:
@@ -91,3 +94,59 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation: Pearson's correlation of the ranks (ties averaged)."""
     return pearson(ranks(x), ranks(y))
+
+
+def until_eos_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """`(B, L)` 1 on each sampled completion's tokens up to and including its first `eos_token_id`, 0 on what
+    generation adds after it (padding, or a pad token equal to eos); a completion without eos, cut at the length
+    limit, is all ones."""
+    is_eos = (completion_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # eos tokens strictly before each position
+    return (eos_before == 0).long()
+
+
+def sequence_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, completion_mask: torch.Tensor):
+    """KL(pi || pi_ref) of each sequence, estimated from one completion sampled from `pi`: the sum over its tokens of
+    the full-vocabulary KL between the two next-token distributions at that token's position.
+
+    By the chain rule, KL(pi || pi_ref) over whole completions is the expected sum over steps of the per-step KL of
+    the next-token distributions, so the estimate is unbiased; it is the summed log-ratio `log pi(y|x) / pi_ref(y|x)`
+    with each step's sampled token averaged out (Rao-Blackwellised): lower variance, and never negative. It is exact
+    for the completions' distribution as sampled, i.e. cut at the length limit for those that reach it.
+
+    Args:
+        policy_logits (`torch.Tensor` of shape `(B, T, V)`): the policy's logits over prompt + completion tokens.
+        reference_logits (`torch.Tensor` of shape `(B, T, V)`): the reference's, over the same tokens.
+        completion_mask (`torch.Tensor` of shape `(B, T)`): 1 on the completion's tokens (the eos ending it
+            included), 0 on the prompt and padding. The logits at position `t - 1` predict token `t`.
+
+    Returns:
+        `torch.Tensor` of shape `(B,)`: the estimates, in nats.
+    """
+    policy_logps = policy_logits[:, :-1].log_softmax(-1)  # (B, T - 1, V)
+    reference_logps = reference_logits[:, :-1].log_softmax(-1)  # (B, T - 1, V)
+    # sum_v pi(v) (log pi(v) - log pi_ref(v)) at each position
+    per_token = torch.nn.functional.kl_div(reference_logps, policy_logps, log_target=True, reduction="none").sum(-1)
+    return (per_token * completion_mask[:, 1:]).sum(-1)  # (B,)
+
+
+@torch.no_grad()
+def completion_kl(policy, reference, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask):
+    """`sequence_kl` of sampled completions, from the two causal LMs' forward passes over them.
+
+    Args:
+        policy, reference: Causal LMs over the same vocabulary.
+        input_ids (`torch.Tensor` of shape `(B, T)`): prompts (padded on either side) followed by their completions,
+            as `generate` returns them.
+        attention_mask (`torch.Tensor` of shape `(B, T)`): 0 on the prompts' padding. Positions count from each
+            row's first real token, as `generate` counts them, so a left-padded row scores as it would alone.
+        completion_mask (`torch.Tensor` of shape `(B, T)`): see `sequence_kl`.
+
+    Returns:
+        `torch.Tensor` of shape `(B,)`, float32: the estimates, in nats.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    policy_logits = policy(**inputs).logits.float()
+    reference_logits = reference(**inputs).logits.float()
+    return sequence_kl(policy_logits, reference_logits, completion_mask)

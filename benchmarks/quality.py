@@ -16,9 +16,10 @@ Tasks:
   SFT on the thumbs-up rows; KTO; DRO; A-LoL.
 
 Each method has one learning rate, the same for every seed and task (`LEARNING_RATES`); the KL-regularised methods
-get their papers' or TRL's default strength (DPO/KTO beta 0.1, DRO beta 1.0). KTO's desirable rows are weighed up by
-the ratio of undesirable to desirable rows, as `KTOTrainer` recommends for unbalanced labels. The table gives mean and standard
-deviation over seeds; a PNG plots them; a JSON records every run, the machine and the command.
+get their default strength (DPO/KTO beta 0.1; DRO its defaults, beta 0.1 on rewards scaled to a range of 1). KTO's
+desirable rows are weighed up by the ratio of undesirable to desirable rows, as `KTOTrainer` recommends for unbalanced
+labels. The table gives mean and standard deviation over seeds; a PNG plots them; a JSON records every run, the
+machine and the command.
 
     python benchmarks/quality.py                    # both tasks, 3 seeds; writes results/quality.{json,png}
     python benchmarks/quality.py --quick            # one seed, few steps: a smoke run (CI runs it)
@@ -126,10 +127,19 @@ def _run_args(output_dir: str, steps: int, batch_size: int, learning_rate: float
     )
 
 
-def train(
-    method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int, learning_rate: float
+def build_trainer(
+    method: str,
+    task: str,
+    start: str,
+    rows: list[dict],
+    args,
+    output_dir: str,
+    seed: int,
+    learning_rate: float,
+    **config_overrides,
 ):
-    """Trains `method` from the start model; returns the trained model and tokenizer."""
+    """The trainer of `method` from the start model, not yet trained. `config_overrides` set fields of its config
+    (e.g. a sweep's `beta`) over this benchmark's settings."""
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
     from trl_offline import ALoLConfig, ALoLTrainer, DROConfig, DROTrainer
@@ -138,20 +148,29 @@ def train(
     batch_size = 16 if method == "dpo" else 32  # 32 sequences a step
     common = _run_args(output_dir, args.steps, batch_size, learning_rate, seed)
     if method.startswith("sft"):
-        trainer = SFTTrainer(start, args=SFTConfig(**common), train_dataset=dataset)
-    elif method == "dpo":
-        trainer = DPOTrainer(start, args=DPOConfig(**common, max_length=128), train_dataset=dataset)
-    elif method == "kto":
+        return SFTTrainer(start, args=SFTConfig(**common, **config_overrides), train_dataset=dataset)
+    common["max_length"] = 128
+    if method == "kto":
         # A quarter of the rows are desirable: weigh them up as TRL's KTOTrainer recommends for unbalanced labels
         num_desirable = sum(dataset["label"])
-        desirable_weight = (len(dataset) - num_desirable) / max(num_desirable, 1)
-        config = KTOConfig(**common, max_length=128, desirable_weight=desirable_weight)
-        trainer = KTOTrainer(start, args=config, train_dataset=dataset)
-    elif method == "dro":
-        trainer = DROTrainer(start, args=DROConfig(**common, max_length=128), train_dataset=dataset)
-    else:
-        config = ALoLConfig(**common, max_length=128, loss_type=method)
-        trainer = ALoLTrainer(start, args=config, train_dataset=dataset)
+        common["desirable_weight"] = (len(dataset) - num_desirable) / max(num_desirable, 1)
+    elif method.startswith("alol"):
+        common["loss_type"] = method
+    config = {**common, **config_overrides}
+    if method == "dpo":
+        return DPOTrainer(start, args=DPOConfig(**config), train_dataset=dataset)
+    if method == "kto":
+        return KTOTrainer(start, args=KTOConfig(**config), train_dataset=dataset)
+    if method == "dro":
+        return DROTrainer(start, args=DROConfig(**config), train_dataset=dataset)
+    return ALoLTrainer(start, args=ALoLConfig(**config), train_dataset=dataset)
+
+
+def train(
+    method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int, learning_rate: float
+):
+    """Trains `method` from the start model; returns the trained model and tokenizer."""
+    trainer = build_trainer(method, task, start, rows, args, output_dir, seed, learning_rate)
     trainer.train()
     return trainer.model, trainer.processing_class
 

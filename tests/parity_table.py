@@ -130,8 +130,9 @@ KTO_CONFIG = {
         "learning_rate": honoured("KTO's default (1e-6)", f"{ARGS}::test_trl_defaults_of_training_fields"),
         "loss_type": refused("DRO has one loss"),
         "beta": honoured(
-            "DRO's regularisation strength `tau`, on the scale of the standardised rewards (default 1.0, see "
-            "docs/dro_trainer.md), not KTO's 0.1",
+            "DRO's regularisation strength `tau`, on the scale `reward_scaling` puts the rewards on (default 0.1 on "
+            "rewards scaled to a range of 1, see docs/dro_trainer.md); not KTO's `beta`, so set in a KTOConfig it is "
+            "an error",
             f"{DRO}::test_gradients_match_the_papers_two_objectives_after_training_moved_both",
         ),
         "precompute_ref_log_probs": honoured(

@@ -121,7 +121,7 @@ def test_reward_funcs_score_only_the_kept_rows(tmp_path, tiny_model_path, caplog
     rows = [{k: r[k] for k in ("prompt", "completion")} for r in _standard_rows()]
     trainer = DROTrainer(
         tiny_model_path,
-        args=DROConfig(**cpu_run_args(tmp_path, max_length=MAX_LENGTH, normalize_rewards=False)),
+        args=DROConfig(**cpu_run_args(tmp_path, max_length=MAX_LENGTH, reward_scaling="none")),
         train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list(rows[:4]),
         reward_funcs=sort_reward_func,

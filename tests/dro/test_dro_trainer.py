@@ -98,25 +98,54 @@ def test_training_changes_policy_and_value_but_never_the_reference(tmp_path, tin
     assert logged[0]["residual/mean"] == pytest.approx(logged[0]["reward/mean"], abs=1e-5)
 
 
-def test_rewards_are_standardised_over_the_training_set(tmp_path, tiny_model_path):
-    dataset = _labelled(16)
+@pytest.mark.parametrize("share_up", [0.05, 0.25, 0.5])
+def test_rewards_are_scaled_to_a_range_of_one_whatever_the_share_of_thumbs_up(tmp_path, tiny_model_path, share_up):
+    # 20 rows: 1, 5 or 10 thumbs up. Centred on the mean p and divided by the range 1: up 1 - p, down -p
+    num_up = round(20 * share_up)
+    dataset = Dataset.from_list(
+        [{"prompt": "ab=", "completion": "ab" if i < num_up else "ba", "label": i < num_up} for i in range(20)]
+    )
     trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset)
-    rewards = torch.tensor(trainer.train_dataset["reward"], dtype=torch.float64)
-    labels = torch.tensor(dataset["label"], dtype=torch.float64)  # True -> 1.0, False -> 0.0, then standardised
-    torch.testing.assert_close(rewards, (labels - labels.mean()) / labels.std(unbiased=False))
-    assert trainer.precompute_metrics["reward/raw_mean"] == pytest.approx(labels.mean().item())
+    expected = [1 - share_up] * num_up + [-share_up] * (20 - num_up)
+    assert trainer.train_dataset["reward"] == pytest.approx(expected)
+    assert trainer.args.beta == 0.1  # the default on this scale: 1 / 0.1 = 10 nats between thumbs up and down
+    metrics = trainer.precompute_metrics
+    assert metrics["reward/raw_mean"] == pytest.approx(share_up) and metrics["reward/raw_range"] == 1.0
+    assert metrics["beta/optimum_log_odds"] == pytest.approx(10.0)
 
-    raw = DROTrainer(tiny_model_path, args=_config(tmp_path, normalize_rewards=False), train_dataset=dataset)
+
+def test_std_scaling_is_the_papers_setting_and_none_keeps_the_rewards(tmp_path, tiny_model_path):
+    dataset = _labelled(16)
+    labels = torch.tensor(dataset["label"], dtype=torch.float64)  # True -> 1.0, False -> 0.0, then standardised
+    paper = DROTrainer(tiny_model_path, args=_config(tmp_path, reward_scaling="std"), train_dataset=dataset)
+    rewards = torch.tensor(paper.train_dataset["reward"], dtype=torch.float64)
+    torch.testing.assert_close(rewards, (labels - labels.mean()) / labels.std(unbiased=False))
+    assert paper.args.beta == 1.0  # the paper's tau, with the one flag
+    std = labels.std(unbiased=False).item()
+    assert paper.precompute_metrics["beta/optimum_log_odds"] == pytest.approx(1.0 / std / 1.0)
+
+    raw = DROTrainer(tiny_model_path, args=_config(tmp_path, reward_scaling="none"), train_dataset=dataset)
     assert raw.train_dataset["reward"] == [float(label) for label in dataset["label"]]
 
 
-def test_eval_rewards_are_standardised_with_the_training_statistics(tmp_path, tiny_model_path):
+def test_the_start_says_how_far_beta_moves_the_policy_and_warns_out_of_bounds(tmp_path, tiny_model_path):
+    # Labels scaled to a range of 1: the optimum shifts the log-odds of thumbs up against down by 1 / beta nats
+    dataset = _labelled(16)
+    for beta, warning in ((0.1, None), (2.0, "barely differs from the reference"), (0.05, "can run away")):
+        with CaptureLogger(logging.get_logger("trl_offline.dro.trainer")) as log:
+            trainer = DROTrainer(tiny_model_path, args=_config(tmp_path, beta=beta), train_dataset=dataset)
+        assert trainer.precompute_metrics["beta/optimum_log_odds"] == pytest.approx(1 / beta)
+        if warning is None:  # logged at info level, under the default verbosity
+            assert "shifts the log-odds" not in log.out
+        else:
+            assert f"up to {1 / beta:g} nats" in log.out and warning in log.out, log.out
+
+
+def test_eval_rewards_are_scaled_with_the_training_statistics(tmp_path, tiny_model_path):
     train, evaluation = _labelled(16), _labelled(8, seed=5)
     trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=train, eval_dataset=evaluation)
-    labels = torch.tensor(train["label"], dtype=torch.float64)
-    expected = [
-        (float(label) - labels.mean().item()) / labels.std(unbiased=False).item() for label in evaluation["label"]
-    ]
+    mean = torch.tensor(train["label"], dtype=torch.float64).mean().item()
+    expected = [(float(label) - mean) / 1.0 for label in evaluation["label"]]  # the training labels' range is 1
     assert trainer.eval_dataset["reward"] == pytest.approx(expected)
 
 
@@ -234,7 +263,8 @@ def test_a_kto_dataset_and_config_run_unchanged(tmp_path, tiny_model_path, datas
     )
     trainer = DROTrainer(tiny_model_path, args=kto_args, train_dataset=_labelled(dataset_format=dataset_format))
     assert isinstance(trainer.args, DROConfig) and trainer.args.max_steps == 2
-    assert trainer.args.beta == 1.0 and trainer.args.precompute_ref_log_probs  # DRO's defaults, not KTO's
+    assert trainer.args.reward_scaling == "range" and trainer.args.precompute_ref_log_probs  # DRO's defaults
+
     trainer.train()
     assert trainer.state.global_step == 2
 
@@ -242,7 +272,7 @@ def test_a_kto_dataset_and_config_run_unchanged(tmp_path, tiny_model_path, datas
 def test_preference_rows_are_unpaired(tmp_path, tiny_model_path):
     rows = [{"prompt": "ba=", "chosen": "ab", "rejected": "ba"}, {"prompt": "dc=", "chosen": "cd", "rejected": "dc"}]
     trainer = DROTrainer(
-        tiny_model_path, args=_config(tmp_path, normalize_rewards=False), train_dataset=Dataset.from_list(rows)
+        tiny_model_path, args=_config(tmp_path, reward_scaling="none"), train_dataset=Dataset.from_list(rows)
     )
     assert sorted(trainer.train_dataset["reward"]) == [0.0, 0.0, 1.0, 1.0]
 
@@ -313,11 +343,11 @@ def test_constant_rewards_are_warned_about(tmp_path, tiny_model_path, caplog):
     assert "Every training reward equals 1" in caplog.text
 
 
-def test_reward_funcs_score_the_rows_before_standardising(tmp_path, tiny_model_path):
+def test_reward_funcs_score_the_rows_before_scaling(tmp_path, tiny_model_path):
     dataset = _labelled().remove_columns("label")
     trainer = DROTrainer(tiny_model_path, args=_config(tmp_path), train_dataset=dataset, reward_funcs=sort_reward_func)
     raw = torch.tensor(sort_reward_func(dataset["prompt"], dataset["completion"]), dtype=torch.float64)
-    expected = (raw - raw.mean()) / raw.std(unbiased=False)
+    expected = (raw - raw.mean()) / (raw.max() - raw.min())  # the default `reward_scaling="range"`
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["reward"], dtype=torch.float64), expected)
 
 
@@ -528,7 +558,7 @@ def test_checkpoints_keep_the_reward_statistics_and_a_resume_reuses_them(tmp_pat
     assert (state["reward_shift"], state["reward_scale"]) == (trainer.reward_shift, trainer.reward_scale)
 
     # The statistics of the run being resumed win over those computed again (a reward model on a GPU may score the
-    # rows differently in the last bits), and the rewards are standardised with them
+    # rows differently in the last bits), and the rewards are scaled with them
     state["reward_shift"], state["reward_scale"] = 0.5, 0.25
     torch.save(state, tmp_path / "checkpoint-1" / "precompute_state.pt")
     resumed = DROTrainer(tiny_model_path, args=_config(tmp_path / "resumed", max_steps=2), train_dataset=_labelled(16))
@@ -551,11 +581,32 @@ def test_compute_metrics_gets_each_rows_log_probs_value_and_reward(tmp_path, tin
     (prediction,) = seen
     evaluation = trainer.eval_dataset
     assert prediction.predictions.shape == (7, 3) and metrics["eval_rows"] == 7
-    # log pi = log pi_ref before training, V(x) = 0 from the zero-initialised head, rewards as standardised
+    # log pi = log pi_ref before training, V(x) = 0 from the zero-initialised head, rewards as scaled
     assert prediction.predictions[:, 0] == pytest.approx(list(evaluation["ref_logp"]), abs=1e-4)
     assert prediction.predictions[:, 1] == pytest.approx(list(evaluation["ref_logp"]), abs=1e-6)
     assert prediction.predictions[:, 2] == pytest.approx([0.0] * 7, abs=1e-6)
     assert prediction.label_ids == pytest.approx(list(evaluation["reward"]), abs=1e-6)
+
+
+def test_evaluation_logs_how_well_the_value_predicts_each_rows_reward(tmp_path, tiny_model_path):
+    # After training V(x) varies across prompts: the logged correlation, from moments summed over 3 batches, is
+    # Pearson's over the evaluation rows' V(x) and rewards
+    seen = []
+    trainer = DROTrainer(
+        tiny_model_path,
+        args=_config(tmp_path, max_steps=4, learning_rate=1e-2, per_device_eval_batch_size=4),
+        train_dataset=_labelled(32),
+        eval_dataset=_labelled(11, seed=3),
+        compute_metrics=lambda prediction: seen.append(prediction) or {},
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    (prediction,) = seen
+    values, rewards = prediction.predictions[:, 2], prediction.label_ids
+    assert values.std() > 0 and rewards.std() > 0
+    expected = torch.corrcoef(torch.tensor([values, rewards], dtype=torch.float64))[0, 1].item()
+    assert metrics["eval_value/reward_correlation"] == pytest.approx(expected, abs=1e-4)
+    assert "value/reward_correlation" in next(log for log in trainer.state.log_history if "loss/value" in log)
 
 
 # -- a user's optimizer -----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 from dataclasses import dataclass, field
 
 from ..offline_config import OfflineRLConfig
+from .reward_scaling import DEFAULT_BETA, REWARD_SCALINGS
 
 
 VALUE_NETWORKS = ("separate", "policy_head", "adapter")
@@ -28,16 +29,21 @@ class DROConfig(OfflineRLConfig):
 
         > Parameters that control the DRO objective
 
-        beta (`float`, *optional*, defaults to `1.0`):
-            The KL regularisation strength `tau` of the paper (which uses 1.0; 0.1 and 5.0 did worse). Higher keeps the
-            policy closer to the reference. Must be > 0.
+        beta (`float`, *optional*):
+            The KL regularisation strength `tau` of the paper, in units of the rewards as `reward_scaling` leaves them:
+            the optimum `pi_ref * exp(r / beta)` shifts the log-odds of two answers by their reward difference over
+            `beta`, in nats. Higher keeps the policy closer to the reference. Must be > 0. Defaults to `0.1` with
+            `reward_scaling="range"` (up to 10 nats between the best and the worst answer) or `"none"`, and to `1.0`,
+            the paper's tau, with `"std"`.
         rescale_policy_grad (`bool`, *optional*, defaults to `True`):
             Divide the policy's gradient by `beta`, as the paper does in practice, so that the policy's step size does
             not depend on `beta`. The value's gradient is never rescaled.
-        normalize_rewards (`bool`, *optional*, defaults to `True`):
-            Standardise the rewards to mean 0 and variance 1 over the training set (the paper does so), with the same
-            shift and scale for the evaluation sets. KTO `label`s become rewards 1.0 (True) and 0.0 (False) before
-            this.
+        reward_scaling (`str`, *optional*, defaults to `"range"`):
+            How the rewards are put on `beta`'s scale, with statistics of the training set (the same shift and scale
+            for the evaluation sets): `"range"` centres them and divides by their range, so the best and the worst
+            answer differ by 1 whatever the share of thumbs up; `"std"` standardises them to mean 0 and variance 1,
+            as the paper does (with `beta=1.0`, the paper's setting); `"none"` keeps them as given. KTO `label`s become
+            rewards 1.0 (True) and 0.0 (False) before this.
         precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
             Compute the reference's log-probabilities once before training (offline data never changes) and cache
             them with the dataset. When `False`, they are computed on each batch, by `ref_model` or, with PEFT, by the
@@ -63,17 +69,23 @@ class DROConfig(OfflineRLConfig):
     )
 
     # Parameters that control the DRO objective
-    beta: float = field(
-        default=1.0,
-        metadata={"help": "KL regularisation strength tau (> 0); the paper uses 1.0."},
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL regularisation strength tau (> 0) on the scaled rewards. Defaults to 0.1 with "
+            "reward_scaling 'range' or 'none', 1.0 (the paper's) with 'std'."
+        },
     )
     rescale_policy_grad: bool = field(
         default=True,
         metadata={"help": "Divide the policy's gradient by beta, as the paper does in practice."},
     )
-    normalize_rewards: bool = field(
-        default=True,
-        metadata={"help": "Standardise rewards to mean 0 and variance 1 over the training set."},
+    reward_scaling: str = field(
+        default="range",
+        metadata={
+            "help": "'range' (centred, divided by their range), 'std' (mean 0, variance 1, the paper's) or 'none'.",
+            "choices": list(REWARD_SCALINGS),
+        },
     )
     precompute_ref_log_probs: bool = field(
         default=True,
@@ -96,6 +108,10 @@ class DROConfig(OfflineRLConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reward_scaling not in REWARD_SCALINGS:
+            raise ValueError(f"`reward_scaling` must be one of {REWARD_SCALINGS}, got {self.reward_scaling!r}.")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.reward_scaling]
         if self.beta <= 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
         if self.value_network not in VALUE_NETWORKS:

@@ -17,6 +17,7 @@ from ..losses import dro_loss
 from ..offline_trainer import STREAM_SAMPLE_ROWS, OfflineRLTrainer
 from .config import DROConfig
 from .joint_model import attach_value_model, is_value_key, value_state_dict, without_value
+from .reward_scaling import RewardStatistics, describe_strength, optimum_log_odds
 from .value_setup import VALUE_DIR, DROValueMixin
 
 
@@ -38,8 +39,9 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
     optimizer state.
 
     Before training, once: rows get a reward (a `reward` column, KTO `label`s as 1.0/0.0, unpaired
-    `chosen`/`rejected` rows, or `reward_funcs`), standardised over the training set with `normalize_rewards`, and,
-    with `precompute_ref_log_probs`, the reference's log-probability of each completion.
+    `chosen`/`rejected` rows, or `reward_funcs`), put on `beta`'s scale over the training set with `reward_scaling`
+    (the log says how far `beta` then lets the policy move), and, with `precompute_ref_log_probs`, the reference's
+    log-probability of each completion.
 
     Args:
         model: Model to train, as a path or hub id, a [`~transformers.PreTrainedModel`] or a PEFT model.
@@ -124,11 +126,9 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
             self.eval_dataset = self._map_named(self.eval_dataset, self._with_reference_logps)
             self.release_reference_engine()
             self._train_value_adapter()
-        self.reward_shift, self.reward_scale = 0.0, 1.0
-        if args.normalize_rewards:
-            self.reward_shift, self.reward_scale = self._reward_statistics(self.train_dataset)
-        self._unnormalized = (self.train_dataset, self.eval_dataset)  # standardised again on a resume
-        self._standardise_rewards()
+        self.reward_shift, self.reward_scale = self._reward_statistics(self.train_dataset)
+        self._unnormalized = (self.train_dataset, self.eval_dataset)  # scaled again on a resume
+        self._scale_rewards()
 
         self._reference_adapter = self._add_reference_adapter(ref_model)  # before the value network joins the model
         policy = self.accelerator.unwrap_model(self.model)
@@ -182,29 +182,38 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
         return None
 
     def _reward_statistics(self, dataset: Dataset | IterableDataset) -> tuple[float, float]:
-        """The mean and standard deviation of the training rewards; of a stream's first `STREAM_SAMPLE_ROWS`."""
+        """The shift and scale of `reward_scaling`, from the training rewards (a stream's first
+        `STREAM_SAMPLE_ROWS`); logs, and warns where it is out of bounds, how far `beta` lets the policy move."""
         if isinstance(dataset, IterableDataset):
             rewards = [row["reward"] for row in dataset.select_columns(["reward"]).take(STREAM_SAMPLE_ROWS)]
-            logger.info(f"Rewards standardised with the statistics of the stream's first {len(rewards)} rows.")
+            logger.info(f"Reward statistics from the stream's first {len(rewards)} rows.")
         else:
             rewards = dataset["reward"]
-        rewards = torch.tensor(list(rewards), dtype=torch.float64)
-        mean, std = rewards.mean().item(), rewards.std(unbiased=False).item()
-        if std < 1e-12:
+        statistics = RewardStatistics(torch.tensor(list(rewards), dtype=torch.float64), self.args.reward_scaling)
+        if statistics.all_equal:
             logger.warning(
-                f"Every training reward equals {mean:g}: standardised, they are all 0 and DRO learns only to stay at "
-                "the reference. Mix scores (e.g. thumbs up and down) or set `normalize_rewards=False`."
+                f"Every training reward equals {statistics.mean:g}: DRO can only learn to stay at the reference. Mix "
+                "scores (e.g. thumbs up and down)."
             )
-            std = 1.0
-        self.precompute_metrics.update({"reward/raw_mean": mean, "reward/raw_std": std})
-        return mean, std
+        else:
+            sentence, out_of_bounds = describe_strength(statistics.scaled_range, self.args.beta)
+            (logger.warning if out_of_bounds else logger.info)(sentence)
+        self.precompute_metrics.update(
+            {
+                "reward/raw_mean": statistics.mean,
+                "reward/raw_std": statistics.std,
+                "reward/raw_range": statistics.range,
+                "beta/optimum_log_odds": optimum_log_odds(statistics.scaled_range, self.args.beta),
+            }
+        )
+        return statistics.shift, statistics.scale
 
     @functools.cached_property
     def _train_fingerprint(self) -> str:
         # Only a save or a resume needs it: not hashed at start-up
         return self.data_fingerprint(self._unnormalized[0])
 
-    def _standardise_rewards(self) -> None:
+    def _scale_rewards(self) -> None:
         train, evaluation = self._unnormalized
         self.train_dataset = self._normalized(train)
         self.eval_dataset = self._map_named(evaluation, lambda dataset, name: self._normalized(dataset))
@@ -228,7 +237,7 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
             return
         self.reward_shift, self.reward_scale = state["reward_shift"], state["reward_scale"]
         self.precompute_metrics.update(state["metrics"])
-        self._standardise_rewards()
+        self._scale_rewards()
 
     def _normalized(self, dataset: Dataset | None) -> Dataset | None:
         if dataset is None or (self.reward_shift, self.reward_scale) == (0.0, 1.0):
@@ -236,7 +245,7 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
         shift, scale = self.reward_shift, self.reward_scale
         return dataset.map(
             lambda row: {"reward": (row["reward"] - shift) / scale},
-            **map_kwargs(dataset, desc="Standardising rewards"),
+            **map_kwargs(dataset, desc="Scaling rewards"),
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -292,7 +301,9 @@ class DROTrainer(DROValueMixin, OfflineRLTrainer):
             "value/mean": outputs.prompt_values.detach(),
             "reward/mean": inputs["reward"],
         }
-        self.log_row_metrics(mode, rows, dict.fromkeys([key for key in rows if key != "rows"], "rows"))
+        # How well V(x) predicts the rewards the rows realise (the optimum's V*(x) is their soft maximum under pi_ref)
+        correlations = {"value/reward_correlation": (outputs.prompt_values, inputs["reward"])}
+        self.log_row_metrics(mode, rows, dict.fromkeys([k for k in rows if k != "rows"], "rows"), correlations)
         if not return_outputs:
             return loss
         return loss, self.row_predictions(logps.detach(), ref_logps, outputs.prompt_values.detach())
