@@ -106,6 +106,15 @@ def train_step(trainer, batch: dict) -> float:
     return loss.item()
 
 
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    """Whether two trainers collated the same batches, key for key (tensors and, in padding-free batches, ints)."""
+
+    def equal(x, y):
+        return torch.equal(x, y) if torch.is_tensor(x) else x == y
+
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
 def tiny_batch(batch: dict, length: int) -> dict:
     """The first row of `batch`, every `(B, T)` tensor cut to `length` positions: a cheap step that creates the
     optimizer state and loads kernels before memory is measured."""

@@ -71,6 +71,7 @@ from common import (
     peak_rss_bytes,
     plot_cost,
     provenance,
+    same_batches,
     summary,
     sync,
     time_steps,
@@ -139,12 +140,6 @@ def _batches(trainer):
     return list(trainer.get_train_dataloader())
 
 
-def _same_batches(a, b):
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
-    )
-
-
 def measure_memory(args):
     """Runs in the child process (CPU): prints one JSON line with the peak RSS increase of full-size steps."""
     dataset = _dataset(args)
@@ -194,7 +189,7 @@ def run(args):
         dataset = _dataset(args)
         trainers = {name: _trainer(name, args, model_path, dataset, root) for name in TRAINERS}
         batches = {name: _batches(trainer) for name, trainer in trainers.items()}
-        if not _same_batches(batches["sft"], batches["iqlearn"]):
+        if not same_batches(batches["sft"], batches["iqlearn"]):
             raise RuntimeError("The two trainers collated different batches.")
         batches = batches["sft"]
         if len(batches) != args.warmup + args.steps:

@@ -29,6 +29,7 @@ from common import (
     COST_OPTIMIZER,
     build_cost_model,
     provenance,
+    same_batches,
     summary,
     time_steps,
     write_json,
@@ -104,13 +105,6 @@ def _batches(trainer, count: int) -> list[dict]:
     raise RuntimeError(f"{type(trainer).__name__}'s dataloader gave {len(batches)} batches, {count} needed.")
 
 
-def _same(a: list[dict], b: list[dict]) -> bool:
-    def equal(x, y):  # padding-free batches carry ints too (the longest sequence)
-        return torch.equal(x, y) if torch.is_tensor(x) else x == y
-
-    return all(x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
-
-
 def _tokens(batch: dict) -> tuple[int, int]:
     """Real tokens of a batch (padding-free batches hold no padding) and the completion tokens among them."""
     real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -127,7 +121,7 @@ def run(args) -> dict:
         trainers = {name: _trainer(name, args, model_path, dataset, root) for name in TRAINERS}
         batches = {name: _batches(trainer, count) for name, trainer in trainers.items()}
         for kind in ("packed", "padded"):
-            if not _same(batches[f"sft_{kind}"], batches[f"iqlearn_{kind}"]):
+            if not same_batches(batches[f"sft_{kind}"], batches[f"iqlearn_{kind}"]):
                 raise RuntimeError(f"SFTTrainer and IQLearnTrainer collated different {kind} batches.")
         if (
             "position_ids" not in batches["iqlearn_packed"][0]

@@ -45,11 +45,12 @@ class RewardStatistics:
         self.std = rewards.std(unbiased=False).item()
         self.range = (rewards.max() - rewards.min()).item()
         self.all_equal = self.range < 1e-12
-        spread = {"range": self.range, "std": self.std, "none": 1.0}[scaling]
         if scaling == "none":
             self.shift, self.scale = 0.0, 1.0
-        else:  # all-equal rewards are only centred (the trainer warns: nothing to learn)
-            self.shift, self.scale = self.mean, spread if not self.all_equal else 1.0
+        elif self.all_equal:  # only centred (the trainer warns: nothing to learn)
+            self.shift, self.scale = self.mean, 1.0
+        else:
+            self.shift, self.scale = self.mean, self.range if scaling == "range" else self.std
 
     @property
     def scaled_range(self) -> float:
