@@ -8,7 +8,10 @@ every behaviour answer). From it, each method trains on quality.py's rows for th
 rate, for the same steps of 32 sequences (DPO: 16 pairs), once per value of its strength:
 
 - `DROTrainer`, `beta` on its default reward scaling (`"range"`: thumbs up and down differ by 1), and once with the
-  paper's setting (`reward_scaling="std"`, `beta=1.0`);
+  paper's setting (`reward_scaling="std"`, `beta=1.0`); at two `beta`s with `value_network="policy_head"`; and at the
+  same two with its value network replaced by the exact soft value V*(x) (below; the rewards minus V*(x), the value
+  held at 0), which shows what a value network that tracked V* would gain; and at three `beta`s at KTO's learning
+  rate (1e-4) rather than quality.py's DRO rate (1e-3);
 - `KTOTrainer`, `beta` (desirable rows weighed up by the ratio of undesirable to desirable ones, as quality.py does);
 - `DPOTrainer` on pairs (the expert's answer against each other answer of its prompt), `beta`;
 - `ALoLTrainer` with `loss_type="alol_kl"`, its penalty `kl_coef`.
@@ -22,7 +25,9 @@ On the held-out prompts, each trained policy is scored by:
 - sampled reward: the share of expert answers among samples at temperature 1 (no top-k or top-p, until eos);
 - greedy reward: the share of prompts whose greedy answer is the expert's (quality.py's greedy scoring);
 - KL(pi || pi_ref) of its own samples, by `metrics.completion_kl` (per-token full-vocabulary KL summed over each
-  completion, eos included), with its standard error over prompts.
+  completion, eos included), with its standard error over prompts;
+- where the samples go: the share that are the expert's answer, another answer of its length, or of a wrong length
+  (eos early, late or never: every training answer has the expert's length, so these are answers no row shows).
 
 The exact optimum: for each held-out prompt x, p(x) = pi_ref(expert answer + eos | x) from one teacher-forced pass of
 the reference. The optimum of KL-regularised RL at strength b, pi* ∝ pi_ref exp(r / b), then has
@@ -72,17 +77,45 @@ SWEEPS = {
     "dro_std": dict(
         method="dro", label="DRO, std scaling", field="beta", values=(1.0,), overrides={"reward_scaling": "std"}
     ),
+    "dro_policy_head": dict(
+        method="dro",
+        label="DRO, value head on the policy",
+        field="beta",
+        values=(0.2, 0.1),
+        overrides={"value_network": "policy_head"},
+    ),
+    "dro_kto_lr": dict(
+        method="dro", label="DRO at KTO's learning rate", field="beta", values=(0.2, 0.1, 0.05), learning_rate=1e-4
+    ),
+    # DRO with its value network replaced by the exact soft value V*(x): what a value that tracked V* would gain
+    "dro_exact_value": dict(
+        method="dro", label="DRO, V = V* (exact)", field="beta", values=(0.2, 0.1), exact_value=True
+    ),
     "kto": dict(method="kto", label="KTO", field="beta", values=(1.0, 0.3, 0.1, 0.03)),
     "dpo": dict(method="dpo", label="DPO (pairs)", field="beta", values=(1.0, 0.3, 0.1, 0.03)),
     # `alol_kl`'s penalty on a trained row has the gradient kl_coef * grad log pi(y|x): it lowers the row's
     # advantage A to A - kl_coef, and past A (about 0.7 for a thumbs up here) it pushes the row's log-probability down
     "alol_kl": dict(method="alol_kl", label="A-LoL KL", field="kl_coef", values=(0.3, 0.1, 0.03, 0.01)),
 }
-QUICK_VALUES = {"dro": (1.0, 0.1), "dro_std": (1.0,), "kto": (1.0, 0.1), "dpo": (1.0, 0.1), "alol_kl": (0.3, 0.1)}
+QUICK_VALUES = {
+    "dro": (1.0, 0.1),
+    "dro_std": (1.0,),
+    "dro_policy_head": (0.1,),
+    "dro_exact_value": (0.1,),
+    "dro_kto_lr": (0.1,),
+    "kto": (1.0, 0.1),
+    "dpo": (1.0, 0.1),
+    "alol_kl": (0.3, 0.1),
+}
+# `dro_exact_value`: the rewards as DRO's default scaling leaves them, minus V*(x), with the value network held at 0
+# (its head is zero at initialisation and learns at a rate too small to move it)
+EXACT_VALUE_CONFIG = {"reward_scaling": "none", "value_network": "policy_head", "value_learning_rate": 1e-12}
 KL_BUDGETS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 QUICK_KL_BUDGETS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 # The optimum's strengths b, on the 0/1 reward
 OPTIMUM_BETAS = tuple(10 ** (-2.5 + 4.5 * i / 199) for i in range(200))
+# The kinds of sampled answers that `sampled_scores` counts
+ANSWER_KINDS = ("expert", "same_length", "length")
 # The reference's sampled reward may differ from the mean p(x) by this many standard errors at most
 AGREEMENT_SES = 5.0
 
@@ -182,6 +215,17 @@ def log_add_exp(a: float, b: float) -> float:
     return high if low == -math.inf else high + math.log1p(math.exp(low - high))
 
 
+def exact_value_rows(rows: list[dict], beta: float, train_logps: dict[str, float]) -> list[dict]:
+    """`rows` with `reward = r' - V*(x)`: the thumbs as DRO's default scaling leaves them (r' = label - the share of
+    thumbs up; their range is 1) minus the soft value of `beta` on them, from the reference's log-probability of each
+    training prompt's expert answer (`train_logps`, keyed by the prompt's letters). With `reward_scaling="none"` and
+    V(x) held at 0, DRO's residual is then r' - V*(x) - beta * log-ratio: its loss with the exact value."""
+    shift = statistics.mean(float(row["label"]) for row in rows)
+    letters = list(train_logps)
+    values = dict(zip(letters, soft_values([train_logps[x] for x in letters], beta, shift, 1.0)))
+    return [{**row, "reward": float(row["label"]) - shift - values[row["prompt"][0]["content"]]} for row in rows]
+
+
 # -- scoring a policy --------------------------------------------------------------------------------------------
 
 
@@ -192,7 +236,7 @@ def sampled_scores(policy, reference, eval_set: dict, args, seed: int) -> dict:
     as means over prompts with their standard errors."""
     torch.manual_seed(seed)  # the same random stream for every policy of a seed
     eos, pad = policy.config.eos_token_id, eval_set["pad"]
-    rewards, kls, lengths, truncated = [], [], [], []
+    rewards, kls, lengths, truncated, kinds = [], [], [], [], []
     for start in range(0, len(eval_set["prompt_ids"]), args.eval_batch_size):
         prompts = eval_set["prompt_ids"][start : start + args.eval_batch_size]
         answers = eval_set["answer_ids"][start : start + args.eval_batch_size]
@@ -219,7 +263,9 @@ def sampled_scores(policy, reference, eval_set: dict, args, seed: int) -> dict:
         kl = completion_kl(policy, reference, out, attention, completion_mask)  # (B * samples,)
         for row in range(len(out)):
             tokens = completions[row][kept[row].bool()].tolist()
-            rewards.append(float(tokens == answers[row // args.samples]))
+            answer = answers[row // args.samples]
+            rewards.append(float(tokens == answer))
+            kinds.append("expert" if tokens == answer else "same_length" if len(tokens) == len(answer) else "length")
             lengths.append(len(tokens))
             truncated.append(float(eos not in tokens))
         kls += kl.tolist()
@@ -231,6 +277,9 @@ def sampled_scores(policy, reference, eval_set: dict, args, seed: int) -> dict:
         "kl_se": standard_error(kl_by_prompt),
         "mean_length": statistics.mean(lengths),
         "truncated_share": statistics.mean(truncated),
+        # Where the samples' mass is: the expert's answer, another answer of its length (ending in eos where the
+        # expert's does), or an answer whose eos came early, late or never
+        "answer_kinds": {kind: kinds.count(kind) / len(kinds) for kind in ANSWER_KINDS},
     }
 
 
@@ -258,15 +307,21 @@ def score_policy(policy, reference, tokenizer, eval_set: dict, args, seed: int) 
 
 
 @torch.no_grad()
-def value_fit(trainer, eval_set: dict, logps: list[float]) -> dict:
-    """DRO's value network V(x) on the held-out prompts against the soft value V*(x) of its `beta` on the rewards
-    scaled as its loss sees them (`trainer.reward_shift`, `trainer.reward_scale`)."""
+def prompt_values(trainer, eval_set: dict) -> list[float]:
+    """DRO's value network V(x) on the held-out prompts."""
     policy = trainer.accelerator.unwrap_model(trainer.model).eval()
     values = []
     for start in range(0, len(eval_set["prompt_ids"]), 64):
         # Right-padded: positions from 0, as in training (the value reads each row's last prompt token)
         ids, mask = right_padded(eval_set["prompt_ids"][start : start + 64], eval_set["pad"])
         values += policy(input_ids=ids, attention_mask=mask, value_prompt_mask=mask).prompt_values.tolist()
+    return values
+
+
+def value_fit(trainer, eval_set: dict, logps: list[float]) -> dict:
+    """DRO's value network V(x) on the held-out prompts against the soft value V*(x) of its `beta` on the rewards
+    scaled as its loss sees them (`trainer.reward_shift`, `trainer.reward_scale`)."""
+    values = prompt_values(trainer, eval_set)
     targets = soft_values(logps, trainer.args.beta, trainer.reward_shift, trainer.reward_scale)
     return {
         "pearson": pearson(values, targets),
@@ -292,18 +347,29 @@ def config_default(method: str, field: str, overrides: dict) -> float:
         return getattr(config_class(output_dir=output_dir, use_cpu=True, bf16=False, **overrides), field)
 
 
+def sweep_learning_rate(sweep: dict) -> float:
+    """The sweep's own learning rate, else quality.py's for its method."""
+    return sweep.get("learning_rate", LEARNING_RATES[sweep["method"]])
+
+
 def sweep_run(name: str, value: float, start: str, rows: list[dict], args, root: str, seed: int, context) -> dict:
     """One point of a sweep: train, then score (and, for DRO, compare its value network with V*)."""
     sweep = SWEEPS[name]
-    learning_rate = LEARNING_RATES[sweep["method"]]
+    learning_rate = sweep_learning_rate(sweep)
     tic = time.perf_counter()
     overrides = {**sweep.get("overrides", {}), sweep["field"]: value}
+    task = TASK
+    if sweep.get("exact_value"):
+        rows, task = exact_value_rows(rows, value, context["train_logps"]), "rewarded"  # a `reward` column
+        overrides.update(EXACT_VALUE_CONFIG)
     output_dir = os.path.join(root, f"{name}-{value:g}")
-    trainer = build_trainer(sweep["method"], TASK, start, rows, args, output_dir, seed, learning_rate, **overrides)
+    trainer = build_trainer(sweep["method"], task, start, rows, args, output_dir, seed, learning_rate, **overrides)
     trainer.train()
     record = {"sweep": name, "field": sweep["field"], "value": value, "learning_rate": learning_rate}
     record.update(score_policy(trainer.model, context["reference"], context["tokenizer"], context["eval"], args, seed))
-    if sweep["method"] == "dro":
+    if sweep.get("exact_value"):  # the value network must not have moved from 0
+        record["largest_value"] = max(abs(v) for v in prompt_values(trainer, context["eval"]))
+    elif sweep["method"] == "dro":
         record["value_fit"] = value_fit(trainer, context["eval"], context["logps"])
         # DRO's target: the optimum at beta times the reward scale, on the 0/1 reward
         record["optimum_at_beta"] = optimum_point(context["logps"], trainer.args.beta * trainer.reward_scale)
@@ -349,6 +415,9 @@ def run_seed(seed: int, args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(start)
         context = {"reference": reference, "tokenizer": tokenizer, "eval": encode_eval_set(tokenizer, prompts)}
         context["logps"] = expert_logps(reference, context["eval"])
+        train_prompts = list({row["prompt"][0]["content"]: row["prompt"] for row in rows}.values())
+        train_logps = expert_logps(reference, encode_eval_set(tokenizer, train_prompts))
+        context["train_logps"] = {p[0]["content"]: logp for p, logp in zip(train_prompts, train_logps)}
         reference_scores = score_policy(reference, reference, tokenizer, context["eval"], args, seed)
         agreement = check_reference_sampling(reference_scores, context["logps"], args.samples)
         print(
@@ -408,6 +477,7 @@ def mean_over_seeds(records: list[dict]) -> dict:
         point[f"{metric}_seed_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     for metric in ("sampled_reward", "kl"):
         point[f"{metric}_se"] = math.sqrt(sum(r[f"{metric}_se"] ** 2 for r in records)) / len(records)
+    point["answer_kinds"] = {kind: statistics.mean(r["answer_kinds"][kind] for r in records) for kind in ANSWER_KINDS}
     return point
 
 
@@ -467,7 +537,16 @@ def summarise(seeds: dict, args) -> dict:
 
 # -- output ------------------------------------------------------------------------------------------------------
 
-COLORS = {"dro": "#dd8452", "dro_std": "#c44e52", "kto": "#4c72b0", "dpo": "#55a868", "alol_kl": "#8172b3"}
+COLORS = {
+    "dro": "#dd8452",
+    "dro_std": "#c44e52",
+    "dro_policy_head": "#937860",
+    "dro_exact_value": "#da8bc3",
+    "dro_kto_lr": "#8c613c",
+    "kto": "#4c72b0",
+    "dpo": "#55a868",
+    "alol_kl": "#8172b3",
+}
 
 
 def plot(summary: dict, defaults: dict, path: str, title: str) -> None:
@@ -495,7 +574,7 @@ def plot(summary: dict, defaults: dict, path: str, title: str) -> None:
             for p in points:
                 if p["value"] == defaults[name]:
                     ax.plot([p["kl"]], [p[metric]], "*", color=COLORS[name], ms=16, mec="black")
-                if metric == "sampled_reward" and "optimum_at_beta" in p:  # where DRO's optimum at its beta lies
+                if metric == "sampled_reward" and name == "dro":  # where DRO's optimum at its beta lies
                     target = p["optimum_at_beta"]
                     ax.plot([target["kl"]], [target["reward"]], "o", mfc="none", color=COLORS[name], ms=7)
                     ax.plot([p["kl"], target["kl"]], [p[metric], target["reward"]], ":", color=COLORS[name], lw=0.8)
@@ -519,10 +598,14 @@ def plot(summary: dict, defaults: dict, path: str, title: str) -> None:
 
 def print_tables(summary: dict, defaults: dict, args) -> None:
     print(f"\n{TASK}: {args.held_out} held-out prompts, {args.samples} samples each; {len(args.seeds)} seed(s)")
-    print(f"{'run':<18}{'sampled':>16}{'greedy':>9}{'KL':>17}{'optimum at KL':>15}{'V(x) r / RMSE':>16}")
+    print(
+        f"{'run':<22}{'sampled':>16}{'greedy':>9}{'KL':>17}{'optimum at KL':>15}{'wrong length':>14}"
+        f"{'V(x) r / RMSE':>16}"
+    )
     ref = summary["reference"]
     print(
-        f"{'reference':<18}{ref['sampled_reward']:>9.3f} ± {ref['sampled_reward_se']:.3f}{ref['greedy_reward']:>9.3f}"
+        f"{'reference':<22}{ref['sampled_reward']:>9.3f} ± {ref['sampled_reward_se']:.3f}{ref['greedy_reward']:>9.3f}"
+        f"{'':>32}{ref['answer_kinds']['length']:>14.3f}"
     )
     for key, run in summary["runs"].items():
         mark = "*" if run["value"] == defaults[run["sweep"]] else " "
@@ -530,10 +613,11 @@ def print_tables(summary: dict, defaults: dict, args) -> None:
         fit = run.get("value_fit")
         fit = "" if fit is None else f"{fit['pearson']:.2f} / {fit['rmse']:.3f}"
         print(
-            f"{key + mark:<18}{run['sampled_reward']:>9.3f} ± {run['sampled_reward_se']:.3f}"
-            f"{run['greedy_reward']:>9.3f}{run['kl']:>10.3f} ± {run['kl_se']:.3f}{optimum:>15}{fit:>16}"
+            f"{key + mark:<22}{run['sampled_reward']:>9.3f} ± {run['sampled_reward_se']:.3f}"
+            f"{run['greedy_reward']:>9.3f}{run['kl']:>10.3f} ± {run['kl_se']:.3f}{optimum:>15}"
+            f"{run['answer_kinds']['length']:>14.3f}{fit:>16}"
         )
-    print("(* the config's default)")
+    print("(* the config's default; wrong length: the share of samples whose eos came early, late or never)")
     print("\nDefault vs default (KTO's learning rate):")
     for name, run in summary["swap"].items():
         print(
@@ -543,7 +627,7 @@ def print_tables(summary: dict, defaults: dict, args) -> None:
     print(f"\nSampled reward at fixed KL budgets (nats): {', '.join(f'{b:g}' for b in args.kl_budgets)}")
     for name, budgets in summary["budgets"].items():
         cells = ["-" if cell is None else f"{cell['sampled_reward']:.3f}" for cell in budgets.values()]
-        print(f"  {name:<10}" + "".join(f"{c:>9}" for c in cells))
+        print(f"  {name:<18}" + "".join(f"{c:>9}" for c in cells))
 
 
 def main():
@@ -585,7 +669,7 @@ def main():
     if args.output:
         sweeps = {
             name: {**sweep, "values": list(args.sweep_values[name]), "default": defaults[name],
-                   "learning_rate": LEARNING_RATES[sweep["method"]]}
+                   "learning_rate": sweep_learning_rate(sweep)}
             for name, sweep in SWEEPS.items()
         }  # fmt: skip
         record = {

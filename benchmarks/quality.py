@@ -23,9 +23,12 @@ machine and the command.
 
     python benchmarks/quality.py                    # both tasks, 3 seeds; writes results/quality.{json,png}
     python benchmarks/quality.py --quick            # one seed, few steps: a smoke run (CI runs it)
+    python benchmarks/quality.py --tasks rewarded --methods dro --config '{"beta": 0.05}' --output /tmp/dro.json
+                                                    # one method with config fields of your own
 """
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -169,10 +172,10 @@ def build_trainer(
 def train(
     method: str, task: str, start: str, rows: list[dict], args, output_dir: str, seed: int, learning_rate: float
 ):
-    """Trains `method` from the start model; returns the trained model and tokenizer."""
-    trainer = build_trainer(method, task, start, rows, args, output_dir, seed, learning_rate)
+    """Trains `method` from the start model, with `args.config` over its config; returns the trained trainer."""
+    trainer = build_trainer(method, task, start, rows, args, output_dir, seed, learning_rate, **args.config)
     trainer.train()
-    return trainer.model, trainer.processing_class
+    return trainer
 
 
 def pretrain_start(rows: list[dict], args, root: str, seed: int) -> str:
@@ -194,16 +197,15 @@ def run_seed(task: str, seed: int, args, learning_rates: dict, grid: tuple | Non
     runs once per learning rate of the grid, and the results are keyed `(method, learning_rate)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_offline.quickstart import greedy_scores
-
     rows = behaviour_rows(args.prompts, seed)
     prompts = held_out_prompts(rows, args.held_out, seed)
     results = {}
     with tempfile.TemporaryDirectory() as root:
         start = pretrain_start(rows, args, root, seed)
-        for method in TASKS[task]:
+        for method in task_methods(task, args):
             for learning_rate in (grid or (learning_rates.get(method),)) if method != "start" else (None,):
                 tic = time.perf_counter()
+                config = {}
                 if method == "start":
                     model, tokenizer = (
                         AutoModelForCausalLM.from_pretrained(start),
@@ -211,12 +213,53 @@ def run_seed(task: str, seed: int, args, learning_rates: dict, grid: tuple | Non
                     )
                 else:
                     output_dir = os.path.join(root, f"{method}-{learning_rate}")
-                    model, tokenizer = train(method, task, start, rows, args, output_dir, seed, learning_rate)
-                expert_share, reward = greedy_scores(model, tokenizer, prompts)
+                    trainer = train(method, task, start, rows, args, output_dir, seed, learning_rate)
+                    model, tokenizer = trainer.model, trainer.processing_class
+                    config = {field: getattr(trainer.args, field) for field in args.config}  # as the trainer ran
                 key = method if grid is None or method == "start" else f"{method}@{learning_rate:g}"
-                results[key] = {"reward": reward, "expert_share": expert_share, "seconds": time.perf_counter() - tic}
+                results[key] = {**greedy_record(model, tokenizer, prompts), "seconds": time.perf_counter() - tic}
+                reward, expert_share = results[key]["reward"], results[key]["expert_share"]
+                if config:
+                    results[key]["config"] = config
                 print(f"{task} seed {seed} {key:<20} reward {reward:.3f}  expert {expert_share:.0%}", flush=True)
     return results
+
+
+GREEDY_KINDS = ("expert", "unsorted", "reversed", "changed", "other")
+
+
+def answer_kind(letters: str, answer: str) -> str:
+    """Which of the behaviour data's kinds of answer `answer` is, or `"other"` (an answer no row shows)."""
+    expert = "".join(sorted(letters))
+    if answer == expert:
+        return "expert"
+    if answer == letters:
+        return "unsorted"
+    if answer == expert[::-1]:
+        return "reversed"
+    if len(answer) == len(expert) and sum(a != b for a, b in zip(answer, expert)) == 1:
+        return "changed"
+    return "other"
+
+
+def greedy_record(model, tokenizer, prompts: list) -> dict:
+    """The greedy answers' mean `sort_reward`, their share of expert answers, and the share of each kind of answer."""
+    from trl_offline.offline_kit import greedy_completions, prompt_letters, sort_reward
+
+    letters = [prompt_letters(p) for p in prompts]
+    answers = greedy_completions(model, tokenizer, prompts)
+    rewards = [sort_reward(x, a) for x, a in zip(letters, answers)]
+    kinds = [answer_kind(x, a) for x, a in zip(letters, answers)]
+    return {
+        "reward": statistics.mean(rewards),
+        "expert_share": rewards.count(1.0) / len(rewards),
+        "answer_kinds": {kind: kinds.count(kind) / len(kinds) for kind in GREEDY_KINDS},
+    }
+
+
+def task_methods(task: str, args) -> tuple[str, ...]:
+    """The methods of `task` that this run trains (`--methods`; all by default), after the start."""
+    return tuple(m for m in TASKS[task] if m == "start" or args.methods is None or m in args.methods)
 
 
 def tune(task: str, args) -> tuple[dict, dict]:
@@ -224,7 +267,7 @@ def tune(task: str, args) -> tuple[dict, dict]:
     start and prompts, never used for the reported seeds)."""
     results = run_seed(task, args.tune_seed, args, {}, grid=LR_GRID)
     chosen = {}
-    for method in TASKS[task]:
+    for method in task_methods(task, args):
         if method != "start":
             scores = {lr: results[f"{method}@{lr:g}"] for lr in LR_GRID}
             chosen[method] = max(LR_GRID, key=lambda lr: (scores[lr]["reward"], scores[lr]["expert_share"]))
@@ -236,12 +279,16 @@ def summarise(runs: dict) -> dict:
     table = {}
     for task, seeds in runs.items():
         table[task] = {}
-        for method in TASKS[task]:
+        for method in next(iter(seeds.values())):
             table[task][method] = {}
             for metric in ("reward", "expert_share"):
                 values = [seeds[seed][method][metric] for seed in seeds]
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 table[task][method][metric] = {"mean": statistics.mean(values), "std": std, "values": values}
+            table[task][method]["answer_kinds"] = {
+                kind: statistics.mean(seeds[seed][method]["answer_kinds"][kind] for seed in seeds)
+                for kind in GREEDY_KINDS
+            }
     return table
 
 
@@ -275,6 +322,13 @@ def main():
     parser.add_argument("--held-out", type=int, default=128, help="held-out prompts for the evaluation")
     parser.add_argument("--start-steps", type=int, default=300, help="SFT steps of the starting policy")
     parser.add_argument("--steps", type=int, default=200, help="training steps of every method")
+    parser.add_argument("--methods", nargs="+", help="train only these methods (the start is always scored)")
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        help="config fields set on every trained method, as JSON, e.g. '{\"beta\": 0.05}' with --methods dro",
+    )
     parser.add_argument("--tune", action="store_true", help="pick each method's learning rate from LR_GRID first")
     parser.add_argument("--tune-seed", type=int, default=100, help="the validation seed of `--tune`")
     parser.add_argument("--quick", action="store_true", help="one seed, 64 prompts, 40 + 20 steps")

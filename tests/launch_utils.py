@@ -48,10 +48,10 @@ def run_recipe(
     return result
 
 
-def run_quick_benchmark(script: str, output: Path) -> dict:
-    """Runs `benchmarks/<script> --quick --output <output>`, checks it exits cleanly and wrote a PNG beside its JSON,
-    and returns the JSON record."""
-    command = [sys.executable, f"benchmarks/{script}", "--quick", "--output", str(output)]
+def run_quick_benchmark(script: str, output: Path, *arguments: str) -> dict:
+    """Runs `benchmarks/<script> --quick --output <output> [arguments]`, checks it exits cleanly and wrote a PNG
+    beside its JSON, and returns the JSON record."""
+    command = [sys.executable, f"benchmarks/{script}", "--quick", "--output", str(output), *arguments]
     result = subprocess.run(command, cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert output.with_suffix(".png").stat().st_size > 10_000

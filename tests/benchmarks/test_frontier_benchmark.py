@@ -1,15 +1,38 @@
 """CI runs the quick frontier benchmark and checks that its record is whole and consistent (not its numbers)."""
 
 import math
+import sys
 
 import pytest
-from launch_utils import run_quick_benchmark
+from launch_utils import ROOT, run_quick_benchmark
+
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from frontier import exact_value_rows  # noqa: E402
+
+
+def test_exact_value_rows_subtract_the_soft_value_from_the_range_scaled_thumbs():
+    # One prompt, its expert answer at p = 0.2 under the reference, one thumbs up in four: r' = 0.75 / -0.25 and,
+    # at beta 0.5, V* = 0.5 * log(0.2 e^1.5 + 0.8 e^-0.5) = 0.5 * log(0.8963378 + 0.4852245) = 0.1616078
+    prompt = [{"role": "user", "content": "dcab"}]
+    rows = [{"prompt": prompt, "completion": c, "label": c == "abcd"} for c in ("abcd", "dcab", "dcba", "abce")]
+    rewards = [row["reward"] for row in exact_value_rows(rows, 0.5, {"dcab": math.log(0.2)})]
+    assert rewards == pytest.approx([0.75 - 0.1616078, -0.25 - 0.1616078, -0.25 - 0.1616078, -0.25 - 0.1616078])
 
 
 def test_quick_frontier_benchmark_records_every_run_and_a_consistent_frontier(tmp_path):
     record = run_quick_benchmark("frontier.py", tmp_path / "frontier.json")
     summary, sweeps = record["summary"], record["sweeps"]
-    assert set(sweeps) == {"dro", "dro_std", "kto", "dpo", "alol_kl"}
+    assert set(sweeps) == {
+        "dro",
+        "dro_std",
+        "dro_policy_head",
+        "dro_exact_value",
+        "dro_kto_lr",
+        "kto",
+        "dpo",
+        "alol_kl",
+    }
     assert record["command"].startswith("python benchmarks/frontier.py --quick")
     # The defaults marked are the configs' own
     assert (sweeps["dro"]["default"], sweeps["dro_std"]["default"]) == (0.1, 1.0)
@@ -31,8 +54,11 @@ def test_quick_frontier_benchmark_records_every_run_and_a_consistent_frontier(tm
         assert run["kl"] >= -1e-6 and run["kl_se"] >= 0
         for metric in ("sampled_reward", "greedy_reward"):
             assert 0.0 <= run[metric] <= 1.0
-        if run["sweep"].startswith("dro"):  # DRO's value network against the soft value
+        if run["sweep"].startswith("dro") and run["sweep"] != "dro_exact_value":  # its value against the soft value
             assert -1.0 <= run["value_fit"]["pearson"] <= 1.0 and run["value_fit"]["rmse"] >= 0
+        assert sum(run["answer_kinds"].values()) == pytest.approx(1.0)
+    for seed in record["seeds"].values():  # with the exact value, DRO's own value network stayed at 0
+        assert seed["runs"]["dro_exact_value@0.1"]["largest_value"] < 1e-6
     assert record["seeds"]["0"]["runs"]["dro_std@1"]["value_fit"]["reward_scale"] < 1.0  # std of 0/1 labels
 
     # The optimum: reward and KL both rise as beta falls, from the reference's mean p(x) at large beta

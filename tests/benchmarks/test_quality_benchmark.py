@@ -1,6 +1,13 @@
 """CI runs the quick quality benchmark and checks that it completes and writes its results (not their numbers)."""
 
-from launch_utils import run_quick_benchmark
+import sys
+
+import pytest
+from launch_utils import ROOT, run_quick_benchmark
+
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality import answer_kind  # noqa: E402
 
 
 def test_quick_quality_benchmark_runs_and_writes_its_json_and_plot(tmp_path):
@@ -11,3 +18,21 @@ def test_quick_quality_benchmark_runs_and_writes_its_json_and_plot(tmp_path):
     for methods in record["summary"].values():
         for metrics in methods.values():
             assert 0.0 <= metrics["reward"]["mean"] <= 1.0
+
+
+def test_quality_benchmark_trains_only_the_chosen_methods_with_the_config_given(tmp_path):
+    record = run_quick_benchmark(
+        "quality.py", tmp_path / "dro.json", "--tasks", "rewarded", "--methods", "dro", "--config", '{"beta": 0.05}'
+    )
+    assert set(record["summary"]) == {"rewarded"}
+    assert set(record["summary"]["rewarded"]) == {"start", "dro"}
+    assert record["runs"]["rewarded"]["0"]["dro"]["config"] == {"beta": 0.05}  # as the trainer ran it
+    for run in record["runs"]["rewarded"]["0"].values():  # every greedy answer counted once, by its kind
+        assert sum(run["answer_kinds"].values()) == pytest.approx(1.0)
+        assert run["answer_kinds"]["expert"] == run["expert_share"]
+
+
+def test_answer_kinds_name_the_behaviour_datas_answers():
+    assert [answer_kind("dcab", a) for a in ("abcd", "dcab", "dcba", "abce", "abc", "badc")] == [
+        "expert", "unsorted", "reversed", "changed", "other", "other"
+    ]  # fmt: skip
