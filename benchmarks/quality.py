@@ -178,13 +178,14 @@ def train(
     return trainer
 
 
-def pretrain_start(rows: list[dict], args, root: str, seed: int) -> str:
-    """The starting policy and reference: a tiny Llama, then `SFTTrainer` on every behaviour answer."""
+def pretrain_start(rows: list[dict], args, root: str, seed: int, tokenizer: str = "char") -> str:
+    """The starting policy and reference: a tiny Llama with the kit's `tokenizer` (`"char"` or `"bpe"`), then
+    `SFTTrainer` on every behaviour answer."""
     from trl import SFTConfig, SFTTrainer
 
     from trl_offline.offline_kit import build_tiny_model
 
-    base = build_tiny_model(os.path.join(root, "base"), seed=seed)
+    base = build_tiny_model(os.path.join(root, "base"), seed=seed, tokenizer=tokenizer)
     config = SFTConfig(**_run_args(os.path.join(root, "start"), args.start_steps, 32, 3e-3, seed))
     trainer = SFTTrainer(base, args=config, train_dataset=method_dataset("sft_all", "rewarded", rows))
     trainer.train()
@@ -201,7 +202,7 @@ def run_seed(task: str, seed: int, args, learning_rates: dict, grid: tuple | Non
     prompts = held_out_prompts(rows, args.held_out, seed)
     results = {}
     with tempfile.TemporaryDirectory() as root:
-        start = pretrain_start(rows, args, root, seed)
+        start = pretrain_start(rows, args, root, seed, args.tokenizer)
         for method in task_methods(task, args):
             for learning_rate in (grid or (learning_rates.get(method),)) if method != "start" else (None,):
                 tic = time.perf_counter()
@@ -221,6 +222,8 @@ def run_seed(task: str, seed: int, args, learning_rates: dict, grid: tuple | Non
                 reward, expert_share = results[key]["reward"], results[key]["expert_share"]
                 if config:
                     results[key]["config"] = config
+                if method == "start":
+                    results[key]["vocabulary"] = len(tokenizer)  # which of the kit's tokenizers it has
                 print(f"{task} seed {seed} {key:<20} reward {reward:.3f}  expert {expert_share:.0%}", flush=True)
     return results
 
@@ -328,6 +331,9 @@ def main():
         type=json.loads,
         default={},
         help="config fields set on every trained method, as JSON, e.g. '{\"beta\": 0.05}' with --methods dro",
+    )
+    parser.add_argument(
+        "--tokenizer", choices=("char", "bpe"), default="char", help="the tiny model's tokenizer: the kit's two"
     )
     parser.add_argument("--tune", action="store_true", help="pick each method's learning rate from LR_GRID first")
     parser.add_argument("--tune-seed", type=int, default=100, help="the validation seed of `--tune`")

@@ -20,10 +20,15 @@ def test_quick_quality_benchmark_runs_and_writes_its_json_and_plot(tmp_path):
             assert 0.0 <= metrics["reward"]["mean"] <= 1.0
 
 
-def test_quality_benchmark_trains_only_the_chosen_methods_with_the_config_given(tmp_path):
+def test_quality_benchmark_trains_only_the_chosen_methods_with_the_config_and_tokenizer_given(tmp_path):
+    from trl_offline.offline_kit import BPE_VOCAB_SIZE
+
     record = run_quick_benchmark(
-        "quality.py", tmp_path / "dro.json", "--tasks", "rewarded", "--methods", "dro", "--config", '{"beta": 0.05}'
+        "quality.py",
+        tmp_path / "dro.json",
+        *("--tasks", "rewarded", "--methods", "dro", "--config", '{"beta": 0.05}', "--tokenizer", "bpe"),
     )
+    assert record["runs"]["rewarded"]["0"]["start"]["vocabulary"] == BPE_VOCAB_SIZE  # the byte-level BPE's
     assert set(record["summary"]) == {"rewarded"}
     assert set(record["summary"]["rewarded"]) == {"start", "dro"}
     assert record["runs"]["rewarded"]["0"]["dro"]["config"] == {"beta": 0.05}  # as the trainer ran it
