@@ -25,6 +25,7 @@ machine and the command.
     python benchmarks/quality.py --quick            # one seed, few steps: a smoke run (CI runs it)
     python benchmarks/quality.py --tasks rewarded --methods dro --config '{"beta": 0.05}' --output /tmp/dro.json
                                                     # one method with config fields of your own
+    python benchmarks/quality.py --tokenizer bpe    # from a start with the kit's byte-level BPE tokenizer
 """
 
 import argparse
@@ -232,7 +233,8 @@ GREEDY_KINDS = ("expert", "unsorted", "reversed", "changed", "other")
 
 
 def answer_kind(letters: str, answer: str) -> str:
-    """Which of the behaviour data's kinds of answer `answer` is, or `"other"` (an answer no row shows)."""
+    """Which of the behaviour data's kinds of answer `answer` is (`"changed"`: any one letter off the expert's), or
+    `"other"`."""
     expert = "".join(sorted(letters))
     if answer == expert:
         return "expert"
@@ -325,7 +327,12 @@ def main():
     parser.add_argument("--held-out", type=int, default=128, help="held-out prompts for the evaluation")
     parser.add_argument("--start-steps", type=int, default=300, help="SFT steps of the starting policy")
     parser.add_argument("--steps", type=int, default=200, help="training steps of every method")
-    parser.add_argument("--methods", nargs="+", help="train only these methods (the start is always scored)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted({m for methods in TASKS.values() for m in methods} - {"start"}),
+        help="train only these methods (the start is always scored)",
+    )
     parser.add_argument(
         "--config",
         type=json.loads,
@@ -340,6 +347,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one seed, 64 prompts, 40 + 20 steps")
     parser.add_argument("--output", help="JSON to write, a PNG beside it (default: results/quality.json)")
     args = parser.parse_args()
+    if not isinstance(args.config, dict):
+        parser.error(f"--config must be a JSON object of config fields, got {args.config!r}")
+    for method in args.methods or ():
+        if not any(method in TASKS[task] for task in args.tasks):
+            parser.error(f"--methods {method} is not a method of --tasks {' '.join(args.tasks)}")
     if args.quick:
         args.seeds, args.prompts, args.held_out, args.start_steps, args.steps = [0], 64, 16, 40, 20
     if args.output is None and not args.quick:

@@ -1,9 +1,10 @@
 """CI runs the quick quality benchmark and checks that it completes and writes its results (not their numbers)."""
 
+import subprocess
 import sys
 
 import pytest
-from launch_utils import ROOT, run_quick_benchmark
+from launch_utils import OFFLINE_ENV, ROOT, run_quick_benchmark
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -41,3 +42,17 @@ def test_answer_kinds_name_the_behaviour_datas_answers():
     assert [answer_kind("dcab", a) for a in ("abcd", "dcab", "dcba", "abce", "abc", "badc")] == [
         "expert", "unsorted", "reversed", "changed", "other", "other"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("--methods", "drO"), "invalid choice: 'drO'"),
+        (("--tasks", "thumbs", "--methods", "dpo"), "--methods dpo is not a method of --tasks thumbs"),
+        (("--config", "[1]"), "--config must be a JSON object"),
+    ],
+)
+def test_quality_benchmark_refuses_methods_and_configs_it_cannot_run(arguments, message):
+    command = [sys.executable, "benchmarks/quality.py", "--quick", *arguments]
+    result = subprocess.run(command, cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
